@@ -1,0 +1,111 @@
+"""The resolved spec of a project: frozen dataclasses with every default filled in.
+
+``configs.load_project`` builds these from a ``cortex.yaml``; after that no code looks up
+config keys in dicts. Quantities are exact integers: cpu in millicores, mem in bytes.
+Durations are float seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ModelType = Literal["classification", "regression"]
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A Python predictor: ``path`` holds ``init(model_path, metadata)`` and ``predict``."""
+
+    path: str  # relative to the project root
+    model: str | None = None  # s3://bucket/key[/] or a project-relative path
+    python_path: str = "."  # relative to the project root
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Onnx:
+    """An ONNX model served with onnxruntime, with an optional request handler."""
+
+    model: str  # s3://... or a project-relative path to a .onnx file
+    request_handler: str | None = None  # relative to the project root
+    python_path: str = "."
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """Cortex's prediction monitoring: which value of a response to count, and how."""
+
+    model_type: ModelType
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Compute bounds of one API (Cortex v0.11 keys first, then inferq's extension keys)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 100
+    init_replicas: int = 1
+    target_cpu_utilization: int = 80  # percent of the cpu request
+    cpu: int = 200  # millicores per replica
+    gpu: int = 0  # GPUs per replica
+    mem: int | None = None  # bytes per replica
+    # Extensions (optional keys; every v0.11 file stays valid):
+    timeout: float = 60.0  # seconds a request waits for a replica's answer (504 after)
+    max_queue_length: int = 1024  # queued requests over which the gateway answers 503
+    upscale_stabilization_period: float = 0.0  # seconds a higher need must last to scale up
+    downscale_stabilization_period: float = 30.0  # seconds a lower need must last to scale down
+
+
+@dataclass(frozen=True)
+class Api:
+    """One API of a deployment. Exactly one of ``predictor`` and ``onnx`` is set."""
+
+    name: str
+    deployment: str
+    endpoint: str
+    compute: Compute
+    predictor: Predictor | None = None
+    onnx: Onnx | None = None
+    tracker: Tracker | None = None
+
+    @property
+    def kind(self) -> str:
+        return "predictor" if self.predictor is not None else "onnx"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API as plain data (what the registry stores and ``--dry-run`` prints)."""
+        data = asdict(self)
+        for key in ("predictor", "onnx", "tracker"):
+            if data[key] is None:
+                del data[key]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Api:
+        """Rebuild an API from :meth:`to_dict`'s output (trusted: it was validated before)."""
+        return cls(
+            name=data["name"],
+            deployment=data["deployment"],
+            endpoint=data["endpoint"],
+            compute=Compute(**data["compute"]),
+            predictor=Predictor(**data["predictor"]) if data.get("predictor") else None,
+            onnx=Onnx(**data["onnx"]) if data.get("onnx") else None,
+            tracker=Tracker(**data["tracker"]) if data.get("tracker") else None,
+        )
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A validated project: its deployment name, its APIs and where it lives on disk."""
+
+    name: str
+    apis: tuple[Api, ...]
+    project_dir: Path
+    config_file: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "apis": [api.to_dict() for api in self.apis]}

@@ -1,0 +1,74 @@
+"""The one error hierarchy of inferq.
+
+Every error a user can meet derives from :class:`InferqError`; each subclass is a kind of
+failure a caller may want to tell apart (and the gateway maps to an HTTP status). Messages name
+what was wrong and where: the API, the file or the field.
+
+This module imports nothing, so every package (``configs`` included) may raise these.
+"""
+
+from __future__ import annotations
+
+
+class InferqError(Exception):
+    """Root of every inferq error."""
+
+
+class ConfigError(InferqError):
+    """A project (cortex.yaml, its files) is invalid; ``problems`` lists every problem."""
+
+    def __init__(self, problems: list) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class BundleTooLarge(ConfigError):
+    """The project folder is over the bundle size limit."""
+
+
+class DeployError(InferqError):
+    """A valid project cannot be deployed (e.g. an API name taken by another deployment)."""
+
+
+class BrokerUnavailable(InferqError):
+    """No broker is configured or running, or it does not answer."""
+
+
+class UnknownAPI(InferqError):
+    """No API of that name (or endpoint) is deployed."""
+
+
+class PredictorError(InferqError):
+    """A predictor cannot be loaded: import error, contract violation, init() raised."""
+
+
+class PredictionError(InferqError):
+    """A prediction failed: predict() raised, or its replica died while predicting.
+
+    ``api`` names the API, ``index`` the sample's position in a batch (or None).
+    """
+
+    def __init__(self, message: str, *, api: str | None = None, index: int | None = None):
+        self.api = api
+        self.index = index
+        self.reason = message
+        where = f'api "{api}"' if api else ""
+        if index is not None:
+            where += f", sample {index}"
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class PredictionTimeout(PredictionError):
+    """No replica answered within the API's timeout."""
+
+
+class QueueFull(InferqError):
+    """The API's queue holds more requests than its ``max_queue_length``."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class ModelDownloadError(PredictorError):
+    """A model could not be fetched (missing bucket or key, access denied, ...)."""
