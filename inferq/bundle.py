@@ -1,0 +1,115 @@
+"""Project bundles: the project folder as a deterministic gzipped tar, named by its hash.
+
+A bundle holds every file of the project except dot-files and dot-folders, ``__pycache__``
+and ``*.pyc`` (as Cortex did). The same files always give the same bytes (sorted entries,
+fixed times and owners), so the content hash is also the bundle's identity: redeploying an
+unchanged project stores nothing new, and a replica on any host unpacks exactly what was
+deployed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from configs import Problem
+from inferq.errors import BundleTooLarge
+
+#: Upper bound on the bundle's uncompressed size; models larger than this belong on S3.
+MAX_BUNDLE_BYTES = int(os.environ.get("INFERQ_MAX_BUNDLE_BYTES", 64 * 1024 * 1024))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    digest: str  # sha256 of ``data``
+    data: bytes  # gzipped tar
+    files: tuple[str, ...]  # project-relative POSIX paths, sorted
+    size: int  # uncompressed bytes of all files
+
+
+def project_files(project_dir: Path) -> list[Path]:
+    """The files that go into the bundle, sorted by their project-relative path."""
+    found = []
+    for root, dirs, files in os.walk(project_dir, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        for name in files:
+            if name.startswith(".") or name.endswith(".pyc"):
+                continue
+            path = Path(root, name)
+            if path.is_file():
+                found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(project_dir).as_posix())
+
+
+def pack(project_dir: str | os.PathLike, *, limit: int | None = None) -> Bundle:
+    """Bundle ``project_dir``; raise :class:`BundleTooLarge` over ``limit`` bytes."""
+    project_dir = Path(project_dir)
+    limit = MAX_BUNDLE_BYTES if limit is None else limit
+    files = project_files(project_dir)
+    sizes = {f: f.stat().st_size for f in files}
+    total = sum(sizes.values())
+    if total > limit:
+        raise BundleTooLarge([_too_large(project_dir, sizes, total, limit)])
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in files:
+            info = tarfile.TarInfo(path.relative_to(project_dir).as_posix())
+            info.size = sizes[path]
+            info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            info.mtime = 0
+            with path.open("rb") as handle:
+                tar.addfile(info, handle)
+    data = gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
+    names = tuple(f.relative_to(project_dir).as_posix() for f in files)
+    return Bundle(hashlib.sha256(data).hexdigest(), data, names, total)
+
+
+def unpack(data: bytes, digest: str, cache_dir: Path) -> Path:
+    """Unpack a bundle into ``cache_dir/<digest>`` once per host; return that folder.
+
+    The folder appears atomically (unpacked beside it, then renamed), so replicas starting
+    together on one host never see half a project.
+    """
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"bundle {digest[:12]} is corrupt: its content does not match its hash")
+    target = cache_dir / digest
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=cache_dir))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            tar.extractall(staging, filter="data")
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # lost a race to another replica: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _too_large(project_dir: Path, sizes: dict[Path, int], total: int, limit: int) -> Problem:
+    largest = sorted(sizes, key=sizes.get, reverse=True)[:3]
+    listing = ", ".join(f"{p.relative_to(project_dir).as_posix()} ({_mib(sizes[p])})" for p in largest)
+    return Problem(
+        file=str(project_dir),
+        path="",
+        message=(
+            f"the project is {_mib(total)}, over the {_mib(limit)} bundle limit "
+            f"(largest: {listing}); put large models on S3 (model: s3://...) or raise "
+            "INFERQ_MAX_BUNDLE_BYTES"
+        ),
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB"

@@ -1,0 +1,21 @@
+"""Deploying a project: validate it, store its bundle, record its APIs."""
+
+from __future__ import annotations
+
+import os
+
+from configs import Deployment, load_project
+from inferq.bundle import pack
+from inferq.registry import DeployResult, Registry
+
+
+def deploy(project_dir: str | os.PathLike, registry: Registry) -> tuple[Deployment, DeployResult]:
+    """Validate ``project_dir`` and (re)deploy it; nothing is written when it is invalid.
+
+    Raises :class:`ConfigError` (every problem listed), :class:`BundleTooLarge` or
+    :class:`DeployError` (a name or endpoint owned by another deployment).
+    """
+    deployment = load_project(project_dir)
+    bundle = pack(deployment.project_dir)
+    registry.put_bundle(bundle.digest, bundle.data)
+    return deployment, registry.deploy(deployment, bundle.digest)
