@@ -1,0 +1,189 @@
+"""One replica of one API: bootstrap, then one prediction at a time.
+
+Bootstrap is a short sequence of named steps, run in the process that serves predictions
+(never in a parent that forks afterwards: CUDA does not survive a fork, celery #3402):
+
+    resolve the API -> fetch its bundle -> python_path on sys.path -> fetch the model
+    -> import the predictor and run init() -> live
+
+Each step that fails raises :class:`PredictorError` with the file and traceback; the replica
+is then marked ``error`` in the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from configs import Api
+from inferq import stack
+from inferq.bundle import unpack
+from inferq.errors import PredictionError, PredictorError, UnknownAPI
+from inferq.registry import DeployedApi, Registry
+from workers.models import fetch_model
+from workers.predictor import PythonPredictor, import_file
+
+log = logging.getLogger("inferq.replica")
+
+
+def replica_id(pid: int | None = None) -> str:
+    """This replica's id: host and the PID of its worker's main process."""
+    return f"{socket.gethostname()}-{pid or os.getpid()}"
+
+
+class Replica:
+    """A loaded predictor of one deployed API, ready to predict."""
+
+    def __init__(self, deployed: DeployedApi, predictor: Any, replica: str) -> None:
+        self.deployed = deployed
+        self.api: Api = deployed.api
+        self.predictor = predictor
+        self.id = replica
+
+    def predict(self, sample: Any, *, debug: bool = False) -> Any:
+        """``predict(sample)`` as JSON-compatible data; PredictionError when it fails."""
+        if debug:
+            log.info('api "%s": debug: sample: %s', self.api.name, _short(sample))
+        started = time.perf_counter()
+        try:
+            prediction = self.predictor.predict(sample)
+        except PredictionError:
+            raise
+        except Exception as exc:
+            log.exception('api "%s": predict() raised', self.api.name)
+            raise PredictionError(_describe(exc), api=self.api.name) from exc
+        prediction = to_jsonable(prediction, api=self.api.name)
+        if debug:
+            log.info(
+                'api "%s": debug: prediction: %s (%.1f ms)',
+                self.api.name, _short(prediction), (time.perf_counter() - started) * 1000,
+            )
+        return prediction
+
+
+def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
+    """Load ``api_name`` as deployed now and return a live replica (see the module doc)."""
+    deployed = resolve(api_name, registry)
+    registry.set_replica(
+        api_name, replica, status="creating", host=socket.gethostname(), pid=os.getpid(),
+        version=deployed.version, error=None,
+    )
+    try:
+        project = fetch_bundle(deployed, registry)
+        add_python_path(project, deployed.api)
+        predictor = load_predictor(deployed.api, project)
+    except PredictorError as exc:
+        registry.set_replica(api_name, replica, status="error", error=str(exc))
+        raise
+    registry.set_replica(api_name, replica, status="live", live_at=time.time())
+    log.info('api "%s": replica %s is live (version %s)', api_name, replica, deployed.version)
+    return Replica(deployed, predictor, replica)
+
+
+def resolve(api_name: str, registry: Registry) -> DeployedApi:
+    deployed = registry.api(api_name)
+    if deployed is None:
+        raise UnknownAPI(f'no API named "{api_name}" is deployed')
+    return deployed
+
+
+def fetch_bundle(deployed: DeployedApi, registry: Registry) -> Path:
+    """The deployed project folder, unpacked once per host from the registry's bundle."""
+    cached = stack.cache_dir("bundles") / deployed.bundle
+    if cached.is_dir():
+        return cached
+    data = registry.get_bundle(deployed.bundle)
+    if data is None:
+        raise PredictorError(
+            f'api "{deployed.name}": bundle {deployed.bundle[:12]} is missing from the registry; '
+            "deploy the project again"
+        )
+    return unpack(data, deployed.bundle, stack.cache_dir("bundles"))
+
+
+def add_python_path(project: Path, api: Api) -> None:
+    spec = api.predictor or api.onnx
+    folder = str((project / spec.python_path).resolve())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def load_predictor(api: Api, project: Path) -> Any:
+    """Fetch the model, import the predictor (or request handler) and run ``init``."""
+    if api.predictor is not None:
+        spec = api.predictor
+        model_path = _model(api, spec.model, project) if spec.model else None
+        return PythonPredictor(
+            project / spec.path, label=spec.path, model_path=model_path, metadata=spec.metadata
+        )
+    from workers.onnx import OnnxPredictor  # onnxruntime is heavy: only ONNX replicas load it
+
+    spec = api.onnx
+    handler = None
+    if spec.request_handler:
+        handler = import_file(project / spec.request_handler, label=spec.request_handler)
+    return OnnxPredictor(
+        _model(api, spec.model, project), handler, spec.metadata, api=api.name
+    )
+
+
+def _model(api: Api, model: str, project: Path) -> Path:
+    return fetch_model(model, project, stack.cache_dir("models"), api=api.name)
+
+
+def to_jsonable(value: Any, *, api: str, where: str = "prediction") -> Any:
+    """``value`` as plain JSON data: numpy scalars and arrays become numbers and lists.
+
+    Anything else that JSON cannot carry fails with a message naming where it was found.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PredictionError(f"{where} is {value}, which JSON cannot carry", api=api)
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and not _is_numpy_scalar(key):
+                raise PredictionError(
+                    f"{where} has a key of type {type(key).__name__}; JSON keys are strings",
+                    api=api,
+                )
+            name = str(key.item() if _is_numpy_scalar(key) else key)
+            out[name] = to_jsonable(item, api=api, where=f"{where}[{name!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, api=api, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    if _is_numpy_scalar(value) or type(value).__name__ == "ndarray":
+        return to_jsonable(value.tolist(), api=api, where=where)
+    raise PredictionError(
+        f"{where} is not JSON-serialisable: {type(value).__module__}.{type(value).__qualname__}"
+        " (return dicts, lists, strings, numbers, booleans or None; numpy values are converted)",
+        api=api,
+    )
+
+
+def _is_numpy_scalar(value: Any) -> bool:
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.generic)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return text if text else type(exc).__name__
+
+
+def _short(value: Any, limit: int = 2000) -> str:
+    import json
+
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"

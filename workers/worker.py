@@ -1,0 +1,167 @@
+"""``inferq worker API_NAME``: one replica, as a Celery worker on the API's queue.
+
+The worker's main process holds the broker connection and the message; its one pool child
+bootstraps the predictor (``worker_process_init``) and runs predictions. When that child dies
+mid-prediction, the main process notices at once and Celery retries the task (see
+``workers.app``); when the retry dies too, :func:`_on_task_failure` answers the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
+from celery import Celery, signals
+
+from inferq.errors import PredictionError, PredictorError, UnknownAPI
+from inferq.registry import Registry
+from workers.app import TASK_NAME, make_app, queue_name
+from workers.replica import Replica, bootstrap, replica_id
+
+log = logging.getLogger("inferq.worker")
+
+EXIT_INIT_FAILED = 3
+EXIT_UNKNOWN_API = 4
+
+
+class _State:
+    """What the main process and its pool child share (set up before the fork)."""
+
+    def __init__(self, api: str, broker_url: str) -> None:
+        self.api = api
+        self.broker_url = broker_url
+        self.replica = replica_id()  # the main process's PID: stable across child restarts
+        self.init_failed = multiprocessing.Value("b", 0, lock=False)
+        self.loaded: Replica | None = None  # only in the pool child
+        self.registry: Registry | None = None
+
+
+_state: _State | None = None
+
+
+def run_worker(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
+    """Serve ``api`` until SIGTERM (warm shutdown: the current request finishes). Exit code."""
+    global _state
+    logging.basicConfig(
+        level=loglevel,
+        format=f"%(asctime)s [{api} {socket.gethostname()}-%(process)d] %(levelname)s %(message)s",
+    )
+    registry = Registry(broker_url)
+    registry.ping()
+    if registry.api(api) is None:
+        raise UnknownAPI(f'no API named "{api}" is deployed (see `inferq get`)')
+    _state = _State(api, broker_url)
+    app = make_app(broker_url)
+    register_task(app)
+    signals.worker_process_init.connect(_on_process_init, weak=False)
+    signals.task_failure.connect(_on_task_failure, weak=False)
+    worker = app.Worker(
+        hostname=f"{api}@{_state.replica}",
+        queues=[queue_name(api)],
+        concurrency=1,
+        pool="prefork",
+        loglevel=loglevel,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        optimization="fair",
+    )
+    stopped = threading.Event()
+    threading.Thread(target=_stop_on_init_failure, args=(stopped,), daemon=True).start()
+    try:
+        worker.start()
+    finally:
+        stopped.set()
+        if not _state.init_failed.value:
+            registry.remove_replica(api, _state.replica)
+    if _state.init_failed.value:
+        return EXIT_INIT_FAILED
+    return worker.exitcode or 0
+
+
+def register_task(app: Celery) -> None:
+    """Register :data:`TASK_NAME` on ``app``: predict one sample with this process's replica."""
+
+    @app.task(
+        name=TASK_NAME,
+        bind=True,
+        max_retries=1,  # only worker-lost retries use it: predict() errors are not retried
+        default_retry_delay=0,
+        ignore_result=False,
+    )
+    def predict(self, sample: Any, debug: bool = False) -> Any:
+        return _serve(self.request, sample, debug)
+
+
+def _serve(request: Any, sample: Any, debug: bool) -> Any:
+    replica = _state.loaded
+    reply_to = request.reply_to
+    try:
+        prediction = replica.predict(sample, debug=bool(debug))
+    except PredictionError as exc:
+        if reply_to:
+            _reply(reply_to, request.id, error=exc.reason)
+        raise PredictionError(exc.reason, api=_state.api) from None
+    if reply_to:
+        _reply(reply_to, request.id, result=prediction)
+    return prediction
+
+
+def _reply(reply_to: str, task_id: str, *, result: Any = None, error: str | None = None) -> None:
+    reply = {"id": task_id, "replica": _state.replica, "at": time.time()}
+    if error is None:
+        reply["result"] = result
+    else:
+        reply["error"] = error
+    _state.registry.push_reply(reply_to, reply)
+
+
+def _on_process_init(**_: Any) -> None:
+    """In the pool child: bootstrap the predictor; on failure stop the whole replica."""
+    if _state.init_failed.value:
+        os._exit(EXIT_INIT_FAILED)  # a child forked while the replica is stopping
+    _state.registry = Registry(_state.broker_url)
+    try:
+        _state.loaded = bootstrap(_state.api, _state.registry, _state.replica)
+    except (PredictorError, UnknownAPI) as exc:
+        log.error("%s", exc)
+        _state.init_failed.value = 1
+        os._exit(EXIT_INIT_FAILED)
+
+
+def _stop_on_init_failure(stopped: threading.Event) -> None:
+    """In the main process: when the child's bootstrap failed, shut the replica down.
+
+    Retrying in a new child would fail the same way; the scaler decides about restarts.
+    """
+    while not stopped.wait(0.1):
+        if _state.init_failed.value:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
+def _on_task_failure(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
+    """In the main process: a task whose replica died twice gets a clear error reply."""
+    if not isinstance(exception, WorkerLostError) or _state is None:
+        return
+    request = sender.request
+    reply_to = getattr(request, "reply_to", None)
+    if not reply_to:
+        return
+    if _state.registry is None:
+        _state.registry = Registry(_state.broker_url)
+    _reply(
+        reply_to,
+        task_id,
+        error=(
+            "the replica died while predicting, and again when the request was retried "
+            f"({exception}); the request was not retried a third time"
+        ),
+    )
