@@ -1,0 +1,103 @@
+"""The gateway's Prometheus metrics, and the request counts ``inferq get`` shows.
+
+Request counters and latency histograms live in this process (Prometheus scrapes each
+gateway); queue depth and replicas are read from the registry at scrape time. Counts per
+status class and latency sums are also added to the registry once a second, so ``inferq get``
+shows the totals of every gateway without a request paying a Redis round trip for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from inferq.errors import InferqError
+from workers.app import queue_name
+
+log = logging.getLogger("inferq.gateway")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+FLUSH_SECONDS = 1.0
+
+
+class GatewayMetrics:
+    """Counts and times API requests; renders ``/metrics``."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "inferq_requests", "API requests by API and status class",
+            ["api", "code"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "inferq_request_duration_seconds", "API request latency", ["api"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(_RegistryCollector(client))
+        self._lock = threading.Lock()
+        self._pending: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._flusher = threading.Thread(target=self._flush_forever, daemon=True,
+                                         name="inferq-stats")
+        self._flusher.start()
+
+    def observe(self, api: str, status: int, seconds: float) -> None:
+        code = f"{status // 100}xx"
+        self.requests.labels(api, code).inc()
+        self.latency.labels(api).observe(seconds)
+        with self._lock:
+            stats = self._pending[api]
+            stats[code] += 1
+            stats["latency_sum"] += seconds
+            stats["count"] += 1
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def _flush_forever(self) -> None:
+        while True:
+            threading.Event().wait(FLUSH_SECONDS)
+            with self._lock:
+                pending, self._pending = self._pending, defaultdict(lambda: defaultdict(float))
+            if not pending:
+                continue
+            try:
+                self._client.registry.add_request_stats(pending)
+            except redis.RedisError as exc:
+                log.warning("could not record request counts (%s); they are kept", exc)
+                with self._lock:
+                    for api, stats in pending.items():
+                        for key, value in stats.items():
+                            self._pending[api][key] += value
+
+
+class _RegistryCollector:
+    """Queue depth and replicas per API, read from the registry when scraped."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def collect(self):
+        depth = GaugeMetricFamily("inferq_queue_depth", "Requests waiting in the API's queue",
+                                  labels=["api"])
+        replicas = GaugeMetricFamily("inferq_replicas", "Replicas by status",
+                                     labels=["api", "status"])
+        try:
+            registry = self._client.registry
+            for deployed in self._client.apis():
+                depth.add_metric([deployed.name], registry.queue_length(queue_name(deployed.name)))
+                counts: dict[str, int] = defaultdict(int)
+                for record in registry.replicas(deployed.name):
+                    counts[record["status"]] += 1
+                for status, count in sorted(counts.items()):
+                    replicas.add_metric([deployed.name, status], count)
+        except (redis.RedisError, InferqError) as exc:  # a scrape must not fail the gateway
+            log.warning("metrics: registry unreachable (%s)", exc)
+        yield depth
+        yield replicas
