@@ -1,0 +1,213 @@
+"""The ``inferq`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from inferq import __version__, stack
+from inferq.errors import ConfigError, InferqError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        count = len(exc.problems)
+        print(f"error: {count} problem{'s' if count != 1 else ''}; nothing was deployed",
+              file=sys.stderr)
+        return 1
+    except InferqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from inferq.up import Up
+
+    return Up(args.project_dir, port=args.port, host=args.host).run()
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from configs import load_project, to_yaml
+
+        sys.stdout.write(to_yaml(load_project(args.project_dir)))
+        return 0
+    from inferq.deploy import deploy
+
+    registry = _registry()
+    deployment, result = deploy(args.project_dir, registry)
+    for api in deployment.apis:
+        print(f'api "{api.name}": {result.changes[api.name]} ({api.endpoint})')
+    for name in result.removed:
+        print(f'api "{name}": removed')
+    if not result.changed:
+        print(f'deployment "{deployment.name}" is up to date')
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    name = args.name
+    if name is None:
+        from configs import load_project
+
+        name = load_project(".").name
+    removed = _registry().delete(name)
+    print(f'deleted deployment "{name}" ({", ".join(removed) or "no APIs"})')
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from inferq.status import render_api, render_table, snapshot
+
+    registry = _registry()
+    while True:
+        rows = snapshot(registry, args.api)
+        if args.output == "json":
+            text = json.dumps(rows, indent=2)
+        elif args.api:
+            text = render_api(rows[0], stack.gateway_url())
+        else:
+            text = render_table(rows)
+        if args.watch:
+            sys.stdout.write("\x1b[2J\x1b[H")
+        print(text)
+        if not args.watch:
+            return 0
+        time.sleep(1)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.worker import run_worker
+
+    return run_worker(args.api, stack.broker_url(), loglevel=args.loglevel)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import logging
+
+    from gateway.server import serve
+
+    logging.basicConfig(level=args.loglevel, format="%(asctime)s [gateway] %(levelname)s %(message)s")
+    serve(stack.broker_url(), host=args.host, port=args.port, threads=args.threads,
+          max_body=args.max_body)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    from inferq.registry import Registry
+
+    api = Registry(stack.broker_url()).api(args.api)
+    if api is None:
+        print(f'error: no API named "{args.api}" is deployed (see `inferq get`)', file=sys.stderr)
+        return 1
+    with open(args.sample_file, "rb") as handle:
+        body = handle.read()
+    url = stack.gateway_url() + api.api.endpoint + ("?debug=true" if args.debug else "")
+    call = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(call, timeout=api.api.compute.timeout + 10) as response:
+            print(json.dumps(json.loads(response.read()), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"error: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"error: the gateway at {url} does not answer ({exc.reason}); is `inferq up` "
+              "running?", file=sys.stderr)
+        return 1
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"inferq {__version__}")
+    return 0
+
+
+def _registry():
+    from inferq.registry import Registry
+
+    registry = Registry(stack.broker_url())
+    registry.ping()
+    return registry
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inferq", description="Serve Cortex-style predictors on Celery workers."
+    )
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run the whole stack in the foreground")
+    up.add_argument("project_dir", nargs="?", metavar="PROJECT_DIR")
+    up.add_argument("--port", type=int, default=8888, help="gateway port (default 8888)")
+    up.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    up.set_defaults(handler=cmd_up)
+
+    dep = sub.add_parser("deploy", help="validate and (re)deploy a project")
+    dep.add_argument("project_dir", nargs="?", default=".", metavar="PROJECT_DIR")
+    dep.add_argument("--dry-run", action="store_true",
+                     help="validate and print the resolved spec; needs no running stack")
+    dep.set_defaults(handler=cmd_deploy)
+
+    get = sub.add_parser("get", help="show deployed APIs")
+    get.add_argument("api", nargs="?", metavar="API_NAME")
+    get.add_argument("--watch", action="store_true", help="refresh every second")
+    get.add_argument("--output", choices=["table", "json"], default="table")
+    get.set_defaults(handler=cmd_get)
+
+    delete = sub.add_parser("delete", help="remove a deployment")
+    delete.add_argument("name", nargs="?", metavar="DEPLOYMENT_NAME",
+                        help="default: the deployment of ./cortex.yaml")
+    delete.set_defaults(handler=cmd_delete)
+
+    worker = sub.add_parser("worker", help="run one replica of an API")
+    worker.add_argument("api", metavar="API_NAME")
+    worker.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))
+    worker.set_defaults(handler=cmd_worker)
+
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8888)
+    gateway.add_argument("--threads", type=int, default=256,
+                         help="requests that can wait for a replica at once (default 256)")
+    gateway.add_argument("--max-body", type=int, default=10 * 1024 * 1024,
+                         help="largest request body in bytes (default 10 MiB)")
+    gateway.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))
+    gateway.set_defaults(handler=cmd_gateway)
+
+    predict = sub.add_parser("predict", help="send a JSON sample file to an API")
+    predict.add_argument("api", metavar="API_NAME")
+    predict.add_argument("sample_file", metavar="SAMPLE_FILE")
+    predict.add_argument("--debug", action="store_true", help="log the sample and prediction")
+    predict.set_defaults(handler=cmd_predict)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(handler=cmd_version)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""``inferq up``: the whole stack in the foreground on this machine.
+
+It starts the broker (an embedded Redis unless ``INFERQ_BROKER_URL`` is set), the gateway
+and the scaler as child processes, deploys the project if one is given, and prints its
+endpoints. A child that dies is restarted. Ctrl-C or SIGTERM stops the children in reverse
+order and leaves no process behind (children also die with it if it is SIGKILLed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inferq import stack
+from inferq.deploy import deploy
+from inferq.errors import InferqError
+from inferq.processes import spawn, stop
+from inferq.registry import Registry
+
+RESTART_BACKOFF_MAX = 30.0
+
+
+@dataclass
+class Service:
+    """A child process ``inferq up`` keeps running."""
+
+    name: str
+    args: list[str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.process = spawn(self.args, env={**os.environ, **self.env})
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, timeout=15)
+            self.process = None
+
+
+class Up:
+    """Run the stack until a signal; see the module doc."""
+
+    def __init__(self, project_dir: str | None, *, port: int = 8888, host: str = "127.0.0.1",
+                 out=sys.stdout) -> None:
+        self.project_dir = project_dir
+        self.port = port
+        self.host = host
+        self.out = out
+        self.redis: stack.EmbeddedRedis | None = None
+        self.services: list[Service] = []
+        self._stop = threading.Event()
+
+    def run(self) -> int:
+        lock = stack.StackLock()
+        lock.acquire()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            url = self._start_broker()
+            gateway = f"http://{self.host}:{self.port}"
+            stack.StackInfo(pid=os.getpid(), broker_url=url, gateway_url=gateway).write()
+            self._start_services(url)
+            if self.project_dir is not None:
+                self._deploy(url, gateway)
+            self._say(f"inferq is up (broker {url}); press Ctrl-C to stop")
+            self._supervise()
+            return 0
+        finally:
+            self._shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            lock.release()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stop.set()
+
+    def _start_broker(self) -> str:
+        url = os.environ.get("INFERQ_BROKER_URL")
+        if url:
+            Registry(url).ping()
+            return url
+        self.redis = stack.EmbeddedRedis(stack.home() / "redis")
+        url = self.redis.start()
+        self._say(f"started the embedded Redis at {url} (data in {self.redis.data_dir})")
+        return url
+
+    def _start_services(self, url: str) -> None:
+        env = {"INFERQ_BROKER_URL": url}
+        for name, args in self._service_commands():
+            service = Service(name, [sys.executable, "-m", "inferq", *args], env=env)
+            service.start()
+            self.services.append(service)
+
+    def _service_commands(self) -> list[tuple[str, list[str]]]:
+        """The child processes beside the broker (the gateway and the scaler)."""
+        return [("gateway", ["gateway", "--host", self.host, "--port", str(self.port)])]
+
+    def _deploy(self, url: str, gateway: str) -> None:
+        registry = Registry(url)
+        try:
+            deployment, result = deploy(self.project_dir, registry)
+        finally:
+            registry.close()
+        for api in deployment.apis:
+            change = result.changes[api.name]
+            self._say(f'api "{api.name}" ({change}): {gateway}{api.endpoint}')
+            sample = Path(deployment.project_dir, "sample.json")
+            data = f"@{sample}" if sample.is_file() else "'{}'"
+            self._say(
+                f"  curl {gateway}{api.endpoint} -X POST "
+                f"-H 'Content-Type: application/json' -d {data}"
+            )
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.2):
+            if self.redis is not None and self.redis.process.poll() is not None:
+                raise InferqError("the embedded Redis exited; stopping")
+            for service in self.services:
+                self._restart_if_dead(service)
+
+    def _restart_if_dead(self, service: Service) -> None:
+        if service.process is None or service.process.poll() is None:
+            return
+        now = time.monotonic()
+        if service.next_start == 0.0:
+            code = service.process.returncode
+            delay = min(2.0**service.restarts, RESTART_BACKOFF_MAX)
+            self._say(f"{service.name} exited with code {code}; restarting in {delay:.0f}s")
+            service.next_start = now + delay
+        elif now >= service.next_start:
+            service.restarts += 1
+            service.next_start = 0.0
+            service.start()
+
+    def _shutdown(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        stack.StackInfo.clear()
+        self._say("inferq stopped")
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
