@@ -1,0 +1,217 @@
+"""Deploy, redeploy, delete, bundles and the CLI's deploy commands, on a real Redis."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES, copy_example, inferq_command, write_project
+from inferq.bundle import pack, unpack
+from inferq.deploy import deploy
+from inferq.errors import BundleTooLarge, ConfigError, DeployError
+
+TWO_APIS = """
+- kind: deployment
+  name: shop
+
+- kind: api
+  name: ranker
+  predictor:
+    path: predictor.py
+
+- kind: api
+  name: tagger
+  endpoint: /tags
+  predictor:
+    path: predictor.py
+"""
+
+PREDICTOR = """
+def predict(sample, metadata):
+    return sample
+"""
+
+
+def test_bundle_is_deterministic_and_skips_dot_files_caches_and_pyc(tmp_path):
+    project = write_project(tmp_path / "p", TWO_APIS, {
+        "predictor.py": PREDICTOR,
+        "lib/util.py": "X = 1\n",
+        ".env": "SECRET=1\n",
+        ".git/config": "[core]\n",
+        "__pycache__/predictor.cpython-311.pyc": "junk",
+        "lib/old.pyc": "junk",
+    })
+    first = pack(project)
+    (project / "predictor.py").touch()  # a new mtime changes nothing
+    second = pack(project)
+    assert first.digest == second.digest
+    assert first.files == ("cortex.yaml", "lib/util.py", "predictor.py")
+    unpacked = unpack(first.data, first.digest, tmp_path / "cache")
+    assert (unpacked / "lib" / "util.py").read_text() == "X = 1\n"
+    assert not (unpacked / ".env").exists()
+
+
+def test_bundle_over_the_limit_is_refused_naming_the_largest_file(tmp_path):
+    project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
+    (project / "weights.bin").write_bytes(b"\0" * 5000)
+    with pytest.raises(BundleTooLarge) as caught:
+        pack(project, limit=4096)
+    assert "weights.bin" in str(caught.value)
+    assert "s3://" in str(caught.value)
+
+
+def test_unpack_refuses_a_corrupt_bundle(tmp_path):
+    project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
+    bundle = pack(project)
+    with pytest.raises(ValueError, match="corrupt"):
+        unpack(bundle.data[:-1] + b"x", bundle.digest, tmp_path / "cache")
+
+
+def test_redeploy_unchanged_keeps_versions_and_a_change_makes_new_ones(registry, tmp_path):
+    project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
+    _, first = deploy(project, registry)
+    assert first.changes == {"ranker": "created", "tagger": "created"}
+    versions = {a.name: (a.version, a.updated_at) for a in registry.apis()}
+
+    _, again = deploy(project, registry)
+    assert not again.changed
+    assert {a.name: (a.version, a.updated_at) for a in registry.apis()} == versions
+
+    (project / "predictor.py").write_text(PREDICTOR + "\n# tuned\n")
+    _, changed = deploy(project, registry)
+    assert changed.changes == {"ranker": "updated", "tagger": "updated"}
+    new_versions = {a.name: a.version for a in registry.apis()}
+    assert all(new_versions[n] != versions[n][0] for n in new_versions)
+    new_bundle = registry.api("ranker").bundle
+    assert registry.get_bundle(new_bundle) is not None
+
+
+def test_changing_one_apis_compute_updates_only_that_api(registry, tmp_path):
+    project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
+    deploy(project, registry)
+    before = {a.name: a.version for a in registry.apis()}
+    text = (project / "cortex.yaml").read_text().replace(
+        "  endpoint: /tags\n", "  endpoint: /tags\n  compute:\n    max_replicas: 3\n"
+    )
+    (project / "cortex.yaml").write_text(text)
+    _, result = deploy(project, registry)
+    # the file changed, so the bundle (and both versions) changed: replicas run the new files
+    assert result.changes["tagger"] == "updated"
+    assert registry.api("tagger").api.compute.max_replicas == 3
+    assert registry.api("ranker").version != before["ranker"]
+
+
+def test_removing_an_api_from_the_file_removes_it_from_the_deployment(registry, tmp_path):
+    project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
+    deploy(project, registry)
+    text = (project / "cortex.yaml").read_text()
+    (project / "cortex.yaml").write_text(text[: text.index("- kind: api\n  name: tagger")])
+    _, result = deploy(project, registry)
+    assert result.removed == ("tagger",)
+    assert [a.name for a in registry.apis()] == ["ranker"]
+
+
+def test_an_invalid_project_changes_nothing_already_deployed(registry, tmp_path):
+    project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
+    deploy(project, registry)
+    before = registry.apis()
+    (project / "cortex.yaml").write_text(TWO_APIS.replace("path: predictor.py", "path: gone.py"))
+    with pytest.raises(ConfigError):
+        deploy(project, registry)
+    assert registry.apis() == before
+
+
+def test_api_names_and_endpoints_belong_to_one_deployment(registry, tmp_path):
+    deploy(write_project(tmp_path / "a", TWO_APIS, {"predictor.py": PREDICTOR}), registry)
+    other = TWO_APIS.replace("name: shop", "name: other")
+    with pytest.raises(DeployError, match='taken by deployment "shop"'):
+        deploy(write_project(tmp_path / "b", other, {"predictor.py": PREDICTOR}), registry)
+    endpoint_clash = """
+    - kind: deployment
+      name: other
+    - kind: api
+      name: labels
+      endpoint: /tags
+      predictor:
+        path: predictor.py
+    """
+    with pytest.raises(DeployError, match="endpoint /tags is taken"):
+        deploy(write_project(tmp_path / "c", endpoint_clash, {"predictor.py": PREDICTOR}),
+               registry)
+    assert {a.api.deployment for a in registry.apis()} == {"shop"}
+
+
+def test_delete_removes_the_deployment_and_its_apis(registry, tmp_path):
+    deploy(write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR}), registry)
+    assert sorted(registry.delete("shop")) == ["ranker", "tagger"]
+    assert registry.apis() == []
+    assert registry.deployments() == []
+    with pytest.raises(DeployError, match='no deployment named "shop"'):
+        registry.delete("shop")
+
+
+def test_dry_run_prints_every_default_without_a_stack(tmp_path, monkeypatch):
+    monkeypatch.delenv("INFERQ_BROKER_URL", raising=False)
+    monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "nothing-runs-here"))
+    done = subprocess.run(
+        inferq_command("deploy", "--dry-run", str(EXAMPLES / "iris")),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    resources = yaml.safe_load(done.stdout)
+    api = next(r for r in resources if r["kind"] == "api")
+    assert api["endpoint"] == "/iris/classifier"
+    compute = api["compute"]
+    for key in ("min_replicas", "max_replicas", "init_replicas", "target_cpu_utilization",
+                "cpu", "gpu", "mem", "timeout", "max_queue_length"):
+        assert key in compute
+    assert compute["init_replicas"] == compute["min_replicas"]
+    assert api["predictor"]["python_path"] == "."
+
+
+def test_dry_run_lists_every_problem_and_exits_non_zero(tmp_path):
+    project = write_project(tmp_path / "p", """
+    - kind: deployment
+      name: shop
+    - kind: api
+      name: ranker
+      predictor:
+        path: missing.py
+      compute:
+        cpu: 2x
+        min_replicas: 3
+        max_replicas: 2
+    """)
+    done = subprocess.run(inferq_command("deploy", "--dry-run", str(project)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.startswith(str(project))]
+    assert len(lines) >= 3, done.stderr
+    assert any('api "ranker": compute.cpu' in line for line in lines)
+    assert any('api "ranker": predictor.path' in line for line in lines)
+    assert any('api "ranker": compute' in line and "max_replicas" in line for line in lines)
+
+
+def test_cli_deploy_then_redeploy_reports_versions(redis_url, tmp_path):
+    project = copy_example("iris", tmp_path)
+    first = subprocess.run(inferq_command("deploy", str(project)),
+                           capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert 'api "classifier": created' in first.stdout
+    again = subprocess.run(inferq_command("deploy", str(project)),
+                           capture_output=True, text=True, timeout=60)
+    assert 'is up to date' in again.stdout
+    listed = subprocess.run(inferq_command("get"), capture_output=True, text=True, timeout=60)
+    assert "classifier" in listed.stdout
+
+
+def test_commands_without_a_stack_say_how_to_start_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("INFERQ_BROKER_URL", raising=False)
+    monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "empty"))
+    for command in (["get"], ["deploy", str(EXAMPLES / "iris")], ["delete", "iris"]):
+        done = subprocess.run(inferq_command(*command), capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 1
+        assert "inferq up" in done.stderr and "INFERQ_BROKER_URL" in done.stderr
