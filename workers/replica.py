@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ log = logging.getLogger("inferq.replica")
 
 def replica_id(pid: int | None = None) -> str:
     """This replica's id: host and the PID of its worker's main process."""
-    return f"{socket.gethostname()}-{pid or os.getpid()}"
+    return f"{stack.host_name()}-{pid or os.getpid()}"
 
 
 class Replica:
@@ -71,7 +70,7 @@ def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
     """Load ``api_name`` as deployed now and return a live replica (see the module doc)."""
     deployed = resolve(api_name, registry)
     registry.set_replica(
-        api_name, replica, status="creating", host=socket.gethostname(), pid=os.getpid(),
+        api_name, replica, status="creating", host=stack.host_name(), pid=os.getpid(),
         version=deployed.version, error=None,
     )
     try:
@@ -129,7 +128,8 @@ def load_predictor(api: Api, project: Path) -> Any:
     if spec.request_handler:
         handler = import_file(project / spec.request_handler, label=spec.request_handler)
     return OnnxPredictor(
-        _model(api, spec.model, project), handler, spec.metadata, api=api.name
+        _model(api, spec.model, project), handler, spec.metadata, api=api.name,
+        handler_label=spec.request_handler, model_label=spec.model,
     )
 
 
