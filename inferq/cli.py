@@ -111,6 +111,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaler(args: argparse.Namespace) -> int:
+    import logging
+
+    from scaler.host import declared_capacity
+    from scaler.scaler import Scaler
+
+    logging.basicConfig(level=args.loglevel, format="%(asctime)s [scaler] %(levelname)s %(message)s")
+    capacity = declared_capacity(args.cpu, args.mem, args.gpus)
+    host = args.host_name or stack.host_name()
+    return Scaler(stack.broker_url(), capacity, host, loglevel=args.loglevel,
+                  echo_logs=None if args.quiet else sys.stderr).run()
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
@@ -197,6 +210,19 @@ def _parser() -> argparse.ArgumentParser:
                          help="largest request body in bytes (default 10 MiB)")
     gateway.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))
     gateway.set_defaults(handler=cmd_gateway)
+
+    scaler = sub.add_parser("scaler", help="run this host's replicas, scaled to the load")
+    scaler.add_argument("--cpu", help="CPU this host offers replicas (default: detected), e.g. 4 "
+                        "or 3500m")
+    scaler.add_argument("--mem", help="memory this host offers replicas (default: detected), "
+                        "e.g. 8Gi")
+    scaler.add_argument("--gpus", type=int, help="GPUs this host offers (default: what NVML "
+                        "reports; 0 without a driver)")
+    scaler.add_argument("--host-name", help="this host's name among scalers (default: "
+                        "INFERQ_HOST_NAME or the hostname)")
+    scaler.add_argument("--quiet", action="store_true", help="do not echo replica logs")
+    scaler.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))
+    scaler.set_defaults(handler=cmd_scaler)
 
     predict = sub.add_parser("predict", help="send a JSON sample file to an API")
     predict.add_argument("api", metavar="API_NAME")

@@ -19,11 +19,16 @@ from collections.abc import Sequence
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setpgid(0, 0)
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; a no-op elsewhere)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _own_group_and_die_with_parent() -> None:  # runs in the child between fork and exec
+    os.setpgid(0, 0)
+    die_with_parent()
 
 
 def spawn(
@@ -42,7 +47,7 @@ def spawn(
         stderr=stderr,
         stdin=subprocess.DEVNULL,
         cwd=cwd,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_own_group_and_die_with_parent,
     )
 
 

@@ -14,6 +14,13 @@ Keys (all under ``inferq:``):
 ``status:<api>``               JSON: the API's status as the scaler last judged it
 ``reply:<client id>``          list: replies for one client (gateway or Python client)
 ``stats:<api>``                hash: request counts by status class, latency sum
+``inflight:<api>``             hash: replica id -> id of the task it is predicting now
+``usage:<api>``                hash: replica id -> JSON cpu (millicores) and rss (bytes)
+``failure:<api>``              hash: host -> JSON last replica failure there (kind, message)
+``logs:<api>``                 stream: the API's replica log lines (replica, line)
+``hosts``                      hash: host name -> JSON capacity, use, heartbeat (Redis time)
+``leader``                     the host whose scaler decides replica counts and placements
+``plan``                       JSON: per API, replicas per host, and what cannot be placed
 ``changes``                    counter bumped by every deploy and delete (cheap change check)
 ``lock:deploy``                lock serialising deploys and deletes
 =============================  ==============================================================
@@ -35,6 +42,10 @@ from inferq.errors import BrokerUnavailable, DeployError
 PREFIX = "inferq:"
 REPLY_TTL_SECONDS = 300  # a reply nobody collects is gone after this
 RETIRED_BUNDLE_TTL_SECONDS = 24 * 3600  # replicas of an old version may still fetch it
+LOG_LINES_KEPT = 10_000  # per API
+# kombu's Redis transport's own keys (its defaults), for :meth:`Registry.requeue`:
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
 
 
 @dataclass(frozen=True)
@@ -276,6 +287,150 @@ class Registry:
         raw = self.redis.get(_key("status", api))
         return json.loads(raw) if raw else None
 
+    def start_request(self, api: str, replica: str, task_id: str) -> None:
+        self.redis.hset(_key("inflight", api), replica, task_id)
+
+    def end_request(self, api: str, replica: str) -> None:
+        self.redis.hdel(_key("inflight", api), replica)
+
+    def in_flight(self, api: str) -> dict[str, str]:
+        """Replica id -> the task it is predicting now."""
+        raw = self.redis.hgetall(_key("inflight", api))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def set_usage(self, api: str, usage: dict[str, dict[str, float]]) -> None:
+        """Record CPU and memory use of replicas (replica id -> {"cpu", "rss"})."""
+        if usage:
+            self.redis.hset(_key("usage", api), mapping={r: json.dumps(u) for r, u in usage.items()})
+
+    def usage(self, api: str) -> dict[str, dict[str, float]]:
+        raw = self.redis.hgetall(_key("usage", api))
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def forget_replica(self, api: str, replica: str) -> None:
+        """Remove every trace of a replica that is gone (record, usage, in-flight marker)."""
+        pipe = self.redis.pipeline()
+        for kind in ("replicas", "usage", "inflight"):
+            pipe.hdel(_key(kind, api), replica)
+        pipe.execute()
+
+    def set_failure(self, api: str, host: str, kind: str, message: str) -> None:
+        """Record that a replica of ``api`` on ``host`` failed (``kind``: "error" or "oom")."""
+        record = {"kind": kind, "message": message, "at": self.now(), "host": host}
+        self.redis.hset(_key("failure", api), host, json.dumps(record))
+
+    def clear_failure(self, api: str, host: str) -> None:
+        self.redis.hdel(_key("failure", api), host)
+
+    def failures(self, api: str) -> list[dict[str, Any]]:
+        raw = self.redis.hgetall(_key("failure", api))
+        return sorted((json.loads(v) for v in raw.values()), key=lambda f: f["at"])
+
+    def forget_api(self, api: str) -> None:
+        """Drop the runtime state of a deleted API (its stats and logs stay readable a while)."""
+        pipe = self.redis.pipeline()
+        for kind in ("replicas", "usage", "inflight", "failure", "status"):
+            pipe.delete(_key(kind, api))
+        pipe.execute()
+
+    def requeue(self, task_ids: set[str]) -> int:
+        """Put tasks that a lost replica had taken back at the head of their queue.
+
+        kombu's Redis transport keeps a taken message in its ``unacked`` hash until it is
+        acknowledged, and by default restores it only after the hour-long visibility timeout
+        (celery #5935); a replica that vanished with its host will never acknowledge it.
+        Returns how many tasks were requeued.
+        """
+        if not task_ids:
+            return 0
+        requeued = 0
+        for tag, raw in self.redis.hgetall(KOMBU_UNACKED).items():
+            payload, _exchange, routing_key = json.loads(raw)
+            if payload.get("headers", {}).get("id") not in task_ids:
+                continue
+            payload["headers"]["redelivered"] = True
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(KOMBU_UNACKED)
+                    if not pipe.hexists(KOMBU_UNACKED, tag):
+                        continue  # acknowledged or restored meanwhile
+                    pipe.multi()
+                    pipe.zrem(KOMBU_UNACKED_INDEX, tag)
+                    pipe.hdel(KOMBU_UNACKED, tag)
+                    # kombu consumes from the right end (BRPOP): RPUSH serves it next.
+                    pipe.rpush(routing_key, json.dumps(payload))
+                    pipe.execute()
+                    requeued += 1
+                except redis.WatchError:
+                    continue
+        return requeued
+
+    # -- logs ---------------------------------------------------------------------------------
+
+    def add_logs(self, api: str, lines: list[tuple[str, str]]) -> None:
+        """Append (replica, line) pairs to the API's log stream (the newest 10000 are kept)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for replica, line in lines:
+            pipe.xadd(_key("logs", api), {"replica": replica, "line": line},
+                      maxlen=LOG_LINES_KEPT, approximate=True)
+        pipe.execute()
+
+    def read_logs(self, api: str, after: str = "0", block: float | None = None,
+                  count: int = 1000) -> list[tuple[str, str, str]]:
+        """Log entries after id ``after`` as (id, replica, line); wait up to ``block`` seconds."""
+        block_ms = None if block is None else int(block * 1000)
+        raw = self.redis.xread({_key("logs", api): after}, count=count, block=block_ms)
+        entries = []
+        for _, items in raw or []:
+            for entry_id, fields in items:
+                entries.append(
+                    (entry_id.decode(), fields[b"replica"].decode(), fields[b"line"].decode())
+                )
+        return entries
+
+    # -- hosts, leadership and the plan -------------------------------------------------------
+
+    def now(self) -> float:
+        """Redis's clock: one clock for every host's heartbeats and failures."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
+
+    def heartbeat(self, host: str, info: dict[str, Any]) -> None:
+        self.redis.hset(_key("hosts"), host, json.dumps({**info, "host": host, "heartbeat": self.now()}))
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        raw = self.redis.hgetall(_key("hosts"))
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def remove_host(self, host: str) -> None:
+        self.redis.hdel(_key("hosts"), host)
+
+    def lead(self, host: str, ttl: float) -> bool:
+        """Take or keep the scalers' leadership for ``ttl`` seconds; True if ``host`` leads."""
+        return bool(self._lead(keys=[_key("leader")], args=[host, int(ttl * 1000)]))
+
+    def resign(self, host: str) -> None:
+        self._resign(keys=[_key("leader")], args=[host])
+
+    def leader(self) -> str | None:
+        raw = self.redis.get(_key("leader"))
+        return raw.decode() if raw else None
+
+    def set_plan(self, plan: dict[str, Any]) -> None:
+        self.redis.set(_key("plan"), json.dumps(plan, sort_keys=True))
+
+    def plan(self) -> dict[str, Any]:
+        raw = self.redis.get(_key("plan"))
+        return json.loads(raw) if raw else {}
+
+    @property
+    def _lead(self) -> Any:
+        return self.redis.register_script(_LEAD_SCRIPT)
+
+    @property
+    def _resign(self) -> Any:
+        return self.redis.register_script(_RESIGN_SCRIPT)
+
     # -- replies ------------------------------------------------------------------------------
 
     @staticmethod
@@ -304,6 +459,21 @@ class Registry:
         rest, _ = pipe.execute()
         replies.extend(json.loads(r) for r in rest)
         return replies
+
+
+_LEAD_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RESIGN_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def _check_ownership(deployment: Deployment, current: Any) -> None:

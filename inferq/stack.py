@@ -34,6 +34,11 @@ def home() -> Path:
     return Path(os.environ.get("INFERQ_HOME") or Path.home() / ".inferq")
 
 
+def host_name() -> str:
+    """This host's name among scalers and replicas: ``INFERQ_HOST_NAME`` or the hostname."""
+    return os.environ.get("INFERQ_HOST_NAME") or socket.gethostname()
+
+
 def cache_dir(kind: str) -> Path:
     """The per-host cache for ``kind`` ("bundles", "models")."""
     return home() / "cache" / kind

@@ -101,7 +101,10 @@ class Up:
 
     def _service_commands(self) -> list[tuple[str, list[str]]]:
         """The child processes beside the broker (the gateway and the scaler)."""
-        return [("gateway", ["gateway", "--host", self.host, "--port", str(self.port)])]
+        return [
+            ("gateway", ["gateway", "--host", self.host, "--port", str(self.port)]),
+            ("scaler", ["scaler"]),
+        ]
 
     def _deploy(self, url: str, gateway: str) -> None:
         registry = Registry(url)

@@ -12,7 +12,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from celery import Celery, signals
 
+from inferq.processes import die_with_parent
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.registry import Registry
 from workers.app import TASK_NAME, make_app, queue_name
@@ -51,7 +51,7 @@ def run_worker(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
     global _state
     logging.basicConfig(
         level=loglevel,
-        format=f"%(asctime)s [{api} {socket.gethostname()}-%(process)d] %(levelname)s %(message)s",
+        format="%(asctime)s %(levelname)s %(message)s",
     )
     registry = Registry(broker_url)
     registry.ping()
@@ -61,6 +61,7 @@ def run_worker(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
     app = make_app(broker_url)
     register_task(app)
     signals.worker_process_init.connect(_on_process_init, weak=False)
+    signals.after_setup_logger.connect(_quiet_celery, weak=False)
     signals.task_failure.connect(_on_task_failure, weak=False)
     worker = app.Worker(
         hostname=f"{api}@{_state.replica}",
@@ -72,6 +73,7 @@ def run_worker(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
         without_mingle=True,
         without_heartbeat=True,
         optimization="fair",
+        quiet=True,  # no banner: a replica's log is about its predictions
     )
     stopped = threading.Event()
     threading.Thread(target=_stop_on_init_failure, args=(stopped,), daemon=True).start()
@@ -103,12 +105,17 @@ def register_task(app: Celery) -> None:
 def _serve(request: Any, sample: Any, debug: bool) -> Any:
     replica = _state.loaded
     reply_to = request.reply_to
+    # The in-flight marker is what the scaler counts as "busy" (queue depth alone misses
+    # the requests being predicted) and how a lost host's requests are found again.
+    _state.registry.start_request(_state.api, _state.replica, request.id)
     try:
         prediction = replica.predict(sample, debug=bool(debug))
     except PredictionError as exc:
         if reply_to:
             _reply(reply_to, request.id, error=exc.reason)
         raise PredictionError(exc.reason, api=_state.api) from None
+    finally:
+        _state.registry.end_request(_state.api, _state.replica)
     if reply_to:
         _reply(reply_to, request.id, result=prediction)
     return prediction
@@ -127,6 +134,7 @@ def _on_process_init(**_: Any) -> None:
     """In the pool child: bootstrap the predictor; on failure stop the whole replica."""
     if _state.init_failed.value:
         os._exit(EXIT_INIT_FAILED)  # a child forked while the replica is stopping
+    die_with_parent()  # a SIGKILLed worker must not leave its pool child serving
     _state.registry = Registry(_state.broker_url)
     try:
         _state.loaded = bootstrap(_state.api, _state.registry, _state.replica)
@@ -134,6 +142,12 @@ def _on_process_init(**_: Any) -> None:
         log.error("%s", exc)
         _state.init_failed.value = 1
         os._exit(EXIT_INIT_FAILED)
+
+
+def _quiet_celery(**_: Any) -> None:
+    """Celery logs two INFO lines per task; a replica's log keeps inferq's and warnings."""
+    for name in ("celery", "celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _stop_on_init_failure(stopped: threading.Event) -> None:

@@ -1,0 +1,373 @@
+"""``inferq scaler``: reconcile deployed APIs with replica processes, continuously.
+
+Every scaler runs the same loop, a small controller:
+
+    observe (registry, queues, its own processes) -> decide -> act -> report
+
+One scaler at a time leads (a Redis key with a TTL): it decides, for the whole system, each
+API's replica count (:class:`scaler.decide.Autoscaler`) and which host runs how many
+(:func:`scaler.decide.place`), writes that plan and each API's status to the registry, and
+requeues the requests of hosts whose heartbeat stopped. Every scaler, the leader included,
+then brings its own host's replicas to the plan: it starts what is missing (with backoff
+when replicas keep dying), rolls a new version over before stopping the old one, stops what
+is surplus with a warm shutdown, and kills a replica whose memory exceeds its ``mem``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from configs import format_mem
+from inferq.registry import DeployedApi, Registry
+from scaler.decide import Autoscaler, Load, place
+from scaler.host import Capacity, ProcessTreeSampler
+from scaler.replicas import LogPump, ReplicaProcess, start_replica
+from scaler.status import judge
+from workers.app import queue_name
+
+log = logging.getLogger("inferq.scaler")
+
+TICK_SECONDS = 0.25
+SAMPLE_SECONDS = 1.0  # CPU and memory of replicas
+LEADER_TTL_SECONDS = 5.0  # a dead leader is replaced after this
+HOST_TIMEOUT_SECONDS = 6.0  # a host whose heartbeat is older is gone
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 60.0
+STOP_GRACE_SECONDS = 30.0  # past its API's timeout, a replica that does not stop is killed
+
+
+@dataclass
+class _Backoff:
+    """Restarts of one API's replicas on this host: 1 s, 2 s, 4 s ... up to a minute."""
+
+    failures: int = 0
+    next_start: float = 0.0
+
+    def failed(self, now: float) -> float:
+        self.failures += 1
+        delay = min(BACKOFF_FIRST_SECONDS * 2 ** (self.failures - 1), BACKOFF_MAX_SECONDS)
+        self.next_start = now + delay
+        return delay
+
+    def recovered(self) -> None:
+        self.failures = 0
+        self.next_start = 0.0
+
+
+class Scaler:
+    """One host's scaler; see the module doc."""
+
+    def __init__(self, broker_url: str, capacity: Capacity, host: str, *,
+                 loglevel: str = "INFO", tick: float = TICK_SECONDS, echo_logs=None) -> None:
+        self.broker_url = broker_url
+        self.capacity = capacity
+        self.host = host
+        self.loglevel = loglevel
+        self.tick_seconds = tick
+        self.registry = Registry(broker_url)
+        self.autoscaler = Autoscaler()
+        self.sampler = ProcessTreeSampler()
+        self.logs = LogPump(self.registry, echo=echo_logs)
+        self.replicas: list[ReplicaProcess] = []
+        self.backoff: dict[str, _Backoff] = {}
+        self.failed_here: set[str] = set()  # APIs with a failure recorded from this host
+        self.deleted_at: dict[str, float] = {}
+        self._last_sample = 0.0
+        self._stop = threading.Event()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Reconcile until SIGTERM or SIGINT; then stop every replica (warm shutdown)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        log.info("scaler %s: %s", self.host, self.capacity.describe())
+        try:
+            self._forget_previous_run()
+            while not self._stop.is_set():
+                try:
+                    self.tick()
+                except redis.RedisError as exc:
+                    log.warning("the broker does not answer (%s); retrying", exc)
+                    self._stop.wait(1.0)
+                self._stop.wait(self.tick_seconds)
+        finally:
+            self.shutdown()
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def tick(self) -> None:
+        """One round of observe, decide, act."""
+        deployed = {d.name: d for d in self.registry.apis()}
+        now = time.monotonic()
+        self._reap(deployed, now)
+        if now - self._last_sample >= SAMPLE_SECONDS:
+            self._last_sample = now
+            self._sample(deployed)
+        self.registry.heartbeat(self.host, self._host_info())
+        if self.registry.lead(self.host, LEADER_TTL_SECONDS):
+            self.decide(deployed)
+        plan = self.registry.plan()
+        self._reconcile(deployed, plan.get("hosts", {}), now)
+
+    def shutdown(self) -> None:
+        """Stop every replica (each finishes its request), then leave the system."""
+        for replica in self.replicas:
+            replica.stop()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS + 60
+        for replica in self.replicas:
+            try:
+                replica.process.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                replica.kill()
+                replica.process.wait()
+        try:
+            for replica in self.replicas:
+                self.registry.forget_replica(replica.api, replica.id)
+            self.registry.remove_host(self.host)
+            self.registry.resign(self.host)
+            self.logs.close()
+        except redis.RedisError:
+            pass
+        self.replicas.clear()
+
+    # -- the leader's decisions ---------------------------------------------------------------
+
+    def decide(self, deployed: dict[str, DeployedApi]) -> None:
+        """Desired replicas and placements for every API, and their statuses."""
+        server_now = self.registry.now()
+        hosts = self.registry.hosts()
+        alive = {}
+        for name, info in hosts.items():
+            if server_now - info["heartbeat"] <= HOST_TIMEOUT_SECONDS:
+                alive[name] = Capacity.from_dict(info["capacity"])
+            else:
+                self._forget_host(name, deployed)
+        now = time.monotonic()
+        desired: dict[str, int] = {}
+        observed: dict[str, list[dict]] = {}
+        for name, api in deployed.items():
+            records = [r for r in self.registry.replicas(name) if r.get("host") in alive]
+            observed[name] = records
+            desired[name] = self.autoscaler.desired(
+                name, api.api.compute, self._load(name, records), now
+            )
+        for name in self.autoscaler.known() - set(deployed):
+            self.autoscaler.forget(name)
+        previous = self.registry.plan().get("hosts", {})
+        placement = place(
+            desired, {n: a.api.compute for n, a in deployed.items()}, alive, previous
+        )
+        self.registry.set_plan(
+            {"hosts": placement.hosts, "desired": desired,
+             "unplaced": {a: list(u) for a, u in placement.unplaced.items()}}
+        )
+        for name, api in deployed.items():
+            status, reason = judge(
+                api.version, desired[name], placement.unplaced.get(name), observed[name],
+                self.registry.failures(name),
+            )
+            self.registry.set_status(
+                name, status, reason=reason, requested=desired[name],
+                hosts=placement.hosts.get(name, {}),
+            )
+
+    def _load(self, api: str, records: list[dict]) -> Load:
+        live = [r["id"] for r in records if r["status"] == "live"]
+        usage = self.registry.usage(api)
+        cpus = [usage[r]["cpu"] for r in live if r in usage and usage[r].get("cpu") is not None]
+        ids = {r["id"] for r in records}
+        in_flight = sum(1 for r in self.registry.in_flight(api) if r in ids)
+        return Load(
+            queued=self.registry.queue_length(queue_name(api)),
+            in_flight=in_flight,
+            live=len(live),
+            cpu=sum(cpus) / len(cpus) if cpus else None,
+        )
+
+    def _forget_host(self, host: str, deployed: dict[str, DeployedApi],
+                     why: str = "stopped beating") -> None:
+        """A host is gone: requeue what its replicas held and forget them."""
+        lost_tasks: set[str] = set()
+        for name in deployed:
+            in_flight = self.registry.in_flight(name)
+            for record in self.registry.replicas(name):
+                if record.get("host") == host:
+                    if record["id"] in in_flight:
+                        lost_tasks.add(in_flight[record["id"]])
+                    self.registry.forget_replica(name, record["id"])
+            self.registry.clear_failure(name, host)
+        requeued = self.registry.requeue(lost_tasks)
+        self.registry.remove_host(host)
+        if requeued or why == "stopped beating":
+            log.warning("host %s %s: its replicas are placed again (%d request(s) requeued)",
+                        host, why, requeued)
+
+    # -- this host's replicas -----------------------------------------------------------------
+
+    def _reconcile(self, deployed: dict[str, DeployedApi], plan: dict[str, dict[str, int]],
+                   now: float) -> None:
+        running = {r.api for r in self.replicas}
+        for name in sorted(set(deployed) | running):
+            mine = [r for r in self.replicas if r.api == name and not r.stopping]
+            if name not in deployed:
+                self._drain(name, mine, now)
+                continue
+            self.deleted_at.pop(name, None)
+            target = plan.get(name, {}).get(self.host, 0)
+            self._roll(deployed[name], mine, target, now)
+
+    def _roll(self, deployed: DeployedApi, mine: list[ReplicaProcess], target: int,
+              now: float) -> None:
+        """Bring this host's replicas of one API to ``target`` of the deployed version."""
+        name = deployed.name
+        records = {r["id"]: r for r in self.registry.replicas(name)}
+        current = [r for r in mine if r.version == deployed.version]
+        old = [r for r in mine if r.version != deployed.version]
+        live = [r for r in current if records.get(r.id, {}).get("status") == "live"]
+        if live:
+            self.backoff.setdefault(name, _Backoff()).recovered()
+            if name in self.failed_here:
+                self.registry.clear_failure(name, self.host)
+                self.failed_here.discard(name)
+        if len(current) > target:
+            busy = self.registry.in_flight(name)
+            # Stop replicas still starting first, then idle ones, then the newest.
+            ranked = sorted(
+                current,
+                key=lambda r: (r in live, r.id in busy, -r.started_at),
+            )
+            for replica in ranked[: len(current) - target]:
+                replica.stop()
+        elif len(current) < target:
+            self._start(deployed, target - len(current), old, now)
+        # Old replicas serve until new ones are live: a redeploy never drops capacity.
+        keep_old = max(0, min(target, len(old) + len(live)) - len(live))
+        for replica in sorted(old, key=lambda r: r.started_at)[: len(old) - keep_old]:
+            replica.stop()
+
+    def _start(self, deployed: DeployedApi, count: int, old: list[ReplicaProcess],
+               now: float) -> None:
+        backoff = self.backoff.setdefault(deployed.name, _Backoff())
+        if now < backoff.next_start:
+            return
+        need = deployed.api.compute.gpu
+        for _ in range(count):
+            gpus = ()
+            if need:
+                free = self._free_gpus()
+                if len(free) < need:
+                    # A GPU is never shared: an old version's replica makes room first.
+                    if old:
+                        old.pop(0).stop()
+                    return
+                gpus = tuple(free[:need])
+            replica = start_replica(
+                deployed.name, deployed.version, self.broker_url, self.host, gpus, self.logs,
+                loglevel=self.loglevel,
+            )
+            self.registry.set_replica(
+                deployed.name, replica.id, status="pending", host=self.host, pid=replica.pid,
+                version=deployed.version, gpus=list(gpus),
+            )
+            self.replicas.append(replica)
+            log.info('api "%s": started replica %s%s', deployed.name, replica.id,
+                     f" on GPU {','.join(map(str, gpus))}" if gpus else "")
+
+    def _free_gpus(self) -> list[int]:
+        taken = {g for r in self.replicas if r.exited() is None for g in r.gpus}
+        return [g for g in self.capacity.gpus if g not in taken]
+
+    def _drain(self, name: str, mine: list[ReplicaProcess], now: float) -> None:
+        """A deleted API: its replicas answer what is queued, then stop (warm shutdown)."""
+        started = self.deleted_at.setdefault(name, now)
+        if mine and self.registry.queue_length(queue_name(name)) and now - started < 60:
+            return
+        for replica in mine:
+            replica.stop()
+
+    def _reap(self, deployed: dict[str, DeployedApi], now: float) -> None:
+        """Notice replicas that exited; record why unexpected exits happened."""
+        for replica in list(self.replicas):
+            code = replica.exited()
+            if code is None:
+                api = deployed.get(replica.api)
+                grace = (api.api.compute.timeout if api else 60.0) + STOP_GRACE_SECONDS
+                if replica.stopping and now - replica.stopping_since > grace:
+                    replica.kill()  # a warm shutdown that hangs past any request's timeout
+                continue
+            self.replicas.remove(replica)
+            self.sampler.forget(replica.pid)
+            record = next(
+                (r for r in self.registry.replicas(replica.api) if r["id"] == replica.id), {}
+            )
+            self.registry.forget_replica(replica.api, replica.id)
+            if replica.api not in deployed:
+                self._forget_if_drained(replica.api)
+                continue
+            if replica.stopping and not replica.oom:
+                continue
+            kind, message = self._failure(replica, code, record, deployed[replica.api])
+            delay = self.backoff.setdefault(replica.api, _Backoff()).failed(now)
+            self.registry.set_failure(replica.api, self.host, kind, message)
+            self.failed_here.add(replica.api)
+            log.error('api "%s": %s; next replica in %.0fs', replica.api, message, delay)
+
+    def _forget_if_drained(self, name: str) -> None:
+        if not any(r.api == name for r in self.replicas) and not self.registry.replicas(name):
+            self.registry.forget_api(name)
+
+    @staticmethod
+    def _failure(replica: ReplicaProcess, code: int, record: dict,
+                 deployed: DeployedApi) -> tuple[str, str]:
+        if replica.oom:
+            mem = format_mem(deployed.api.compute.mem or 0)
+            return "oom", f"replica {replica.id} used more memory than its mem request ({mem})"
+        if replica.init_failed() and record.get("error"):
+            return "error", record["error"]
+        return "error", f"replica {replica.id} exited with code {code}"
+
+    def _sample(self, deployed: dict[str, DeployedApi]) -> None:
+        """CPU and memory of each replica's process tree; kill what exceeds its ``mem``."""
+        usage: dict[str, dict[str, dict[str, float]]] = {}
+        for replica in self.replicas:
+            if replica.exited() is not None:
+                continue
+            sample = self.sampler.sample(replica.pid)
+            if sample is None:
+                continue
+            usage.setdefault(replica.api, {})[replica.id] = {
+                "cpu": sample.cpu_millicores, "rss": sample.rss,
+            }
+            api = deployed.get(replica.api)
+            mem = api.api.compute.mem if api is not None else None
+            if mem and sample.rss > mem and not replica.oom:
+                log.error('api "%s": replica %s uses %s, over its mem request %s: stopping it',
+                          replica.api, replica.id, format_mem(sample.rss), format_mem(mem))
+                replica.oom = True
+                replica.kill()
+        for api, values in usage.items():
+            self.registry.set_usage(api, values)
+
+    def _host_info(self) -> dict:
+        return {
+            "capacity": self.capacity.to_dict(),
+            "replicas": {
+                api: sum(1 for r in self.replicas if r.api == api and not r.stopping)
+                for api in {r.api for r in self.replicas}
+            },
+        }
+
+    def _forget_previous_run(self) -> None:
+        """Replicas a previous scaler of this host started died with it: forget them, and
+        requeue the requests they held, so nothing is adopted twice or waits an hour."""
+        deployed = {d.name: d for d in self.registry.apis()}
+        self._forget_host(self.host, deployed, why="restarted")

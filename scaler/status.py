@@ -1,0 +1,48 @@
+"""An API's Cortex status, judged by the leading scaler from what it observed.
+
+Each status appears exactly when its meaning holds:
+
+=========================  ===================================================================
+``compute unavailable``    some wanted replicas fit on no host (the reason says what is short)
+``error``                  a replica of it failed (import, ``init()``, crash) and the API has
+                           not got all its replicas live since
+``error (out of memory)``  the same, because a replica used more than its ``mem``
+``live``                   every wanted replica is live, or some are and more are coming
+``creating``               replicas are starting (``init()`` runs), none is live yet
+``pending``                replicas are wanted but none has started yet
+``stopped``                no replica is wanted (``min_replicas: 0`` and no request waiting)
+=========================  ===================================================================
+
+(``stopping`` is reported for a deleted deployment while its replicas drain.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REASON_LINES = 6  # of a traceback, in ``inferq get``
+
+
+def judge(version: str, desired: int, unplaced: tuple[int, str] | None,
+          replicas: list[dict[str, Any]], failures: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """(status, reason) of one API; ``replicas`` are its replica records on live hosts."""
+    live = [r for r in replicas if r["status"] == "live"]
+    up_to_date = [r for r in live if r.get("version") == version]
+    if unplaced is not None:
+        count, reason = unplaced
+        return "compute unavailable", f"{count} replica(s) cannot be placed: {reason}"
+    if failures and len(up_to_date) < desired:
+        failure = failures[-1]
+        status = "error (out of memory)" if failure["kind"] == "oom" else "error"
+        return status, _last_lines(failure["message"])
+    if desired == 0 and not replicas:
+        return "stopped", "scaled to zero: a queued request starts a replica"
+    if live:
+        return "live", None
+    if any(r["status"] == "creating" for r in replicas):
+        return "creating", None
+    return "pending", None
+
+
+def _last_lines(message: str) -> str:
+    return "\n".join(message.strip().splitlines()[-REASON_LINES:])
