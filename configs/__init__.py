@@ -1,0 +1,26 @@
+"""The cortex.yaml spec: parsing, defaults, validation and Kubernetes quantities.
+
+This package depends on nothing else of inferq but :mod:`inferq.errors` (a leaf module).
+"""
+
+from configs.loader import Problem, load_project
+from configs.quantities import format_cpu, format_mem, parse_cpu, parse_duration, parse_mem
+from configs.render import to_yaml
+from configs.spec import Api, Compute, Deployment, Onnx, Predictor, Tracker
+
+__all__ = [
+    "Api",
+    "Compute",
+    "Deployment",
+    "Onnx",
+    "Predictor",
+    "Problem",
+    "Tracker",
+    "format_cpu",
+    "format_mem",
+    "load_project",
+    "parse_cpu",
+    "parse_duration",
+    "parse_mem",
+    "to_yaml",
+]

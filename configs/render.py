@@ -1,0 +1,42 @@
+"""The resolved spec written back as a cortex.yaml (what ``inferq deploy --dry-run`` prints)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import yaml
+
+from configs.quantities import format_cpu, format_duration, format_mem
+from configs.spec import Api, Compute, Deployment
+
+_DURATIONS = ("timeout", "upscale_stabilization_period", "downscale_stabilization_period")
+
+
+def to_yaml(deployment: Deployment) -> str:
+    """A cortex.yaml with every default filled in; loading it again gives an equal spec."""
+    resources: list[dict[str, Any]] = [{"kind": "deployment", "name": deployment.name}]
+    resources += [_api(api) for api in deployment.apis]
+    return yaml.safe_dump(resources, sort_keys=False, default_flow_style=False,
+                          allow_unicode=True)
+
+
+def _api(api: Api) -> dict[str, Any]:
+    # Key order follows the v0.11 docs, not the alphabet: kind, name, endpoint, then sections.
+    data: dict[str, Any] = {"kind": "api", "name": api.name, "endpoint": api.endpoint}
+    if api.predictor is not None:
+        data["predictor"] = asdict(api.predictor)
+    if api.onnx is not None:
+        data["onnx"] = asdict(api.onnx)
+    data["tracker"] = asdict(api.tracker) if api.tracker is not None else None
+    data["compute"] = _compute(api.compute)
+    return data
+
+
+def _compute(compute: Compute) -> dict[str, Any]:
+    data = asdict(compute)
+    data["cpu"] = format_cpu(compute.cpu)
+    data["mem"] = format_mem(compute.mem) if compute.mem is not None else None
+    for key in _DURATIONS:
+        data[key] = format_duration(data[key])
+    return data
