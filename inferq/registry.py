@@ -333,6 +333,31 @@ class Registry:
             pipe.delete(_key(kind, api))
         pipe.execute()
 
+    def fail_tasks(self, task_ids: set[str], error: str) -> int:
+        """Answer taken tasks with ``error`` and drop them (their replica was killed for a
+        reason that would kill the next one too, e.g. out of memory). Returns how many."""
+        failed = 0
+        for tag, payload, _routing_key in self._unacked(task_ids):
+            if not self.redis.hdel(KOMBU_UNACKED, tag):
+                continue  # acknowledged or restored meanwhile
+            self.redis.zrem(KOMBU_UNACKED_INDEX, tag)
+            reply_to = payload.get("properties", {}).get("reply_to")
+            task_id = payload["headers"]["id"]
+            if reply_to and reply_to.startswith(_key("reply", "")):
+                self.push_reply(reply_to, {"id": task_id, "error": error, "at": time.time()})
+            failed += 1
+        return failed
+
+    def _unacked(self, task_ids: set[str]) -> list[tuple[bytes, dict[str, Any], str]]:
+        if not task_ids:
+            return []
+        found = []
+        for tag, raw in self.redis.hgetall(KOMBU_UNACKED).items():
+            payload, _exchange, routing_key = json.loads(raw)
+            if payload.get("headers", {}).get("id") in task_ids:
+                found.append((tag, payload, routing_key))
+        return found
+
     def requeue(self, task_ids: set[str]) -> int:
         """Put tasks that a lost replica had taken back at the head of their queue.
 
@@ -341,13 +366,8 @@ class Registry:
         (celery #5935); a replica that vanished with its host will never acknowledge it.
         Returns how many tasks were requeued.
         """
-        if not task_ids:
-            return 0
         requeued = 0
-        for tag, raw in self.redis.hgetall(KOMBU_UNACKED).items():
-            payload, _exchange, routing_key = json.loads(raw)
-            if payload.get("headers", {}).get("id") not in task_ids:
-                continue
+        for tag, payload, routing_key in self._unacked(task_ids):
             payload["headers"]["redelivered"] = True
             with self.redis.pipeline() as pipe:
                 try:
@@ -438,9 +458,15 @@ class Registry:
         """The list a client collects its replies from (a Celery ``reply_to``)."""
         return _key("reply", client_id)
 
+    @staticmethod
+    def is_reply_key(name: str) -> bool:
+        """Whether ``name`` is an inferq client's reply list (Celery sets a ``reply_to`` of its
+        own on every message, which plain Celery callers never read)."""
+        return name.startswith(_key("reply", ""))
+
     def push_reply(self, reply_to: str, reply: dict[str, Any]) -> None:
         """Hand a reply to the client waiting on ``reply_to``."""
-        if not reply_to.startswith(_key("reply", "")):
+        if not self.is_reply_key(reply_to):
             raise ValueError(f"not an inferq reply list: {reply_to!r}")
         pipe = self.redis.pipeline()
         pipe.rpush(reply_to, json.dumps(reply))

@@ -37,13 +37,19 @@ def recommend(compute: Compute, load: Load) -> int:
     Queue depth plus in-flight requests is the primary signal (one request at a time per
     replica, so every waiting request wants a replica: this is what scales from zero, cortex
     #573); CPU utilisation against ``target_cpu_utilization`` of the cpu request is the
-    second, for predictors whose requests arrive just fast enough never to queue.
+    second, for predictors whose requests arrive just fast enough never to queue (as in
+    Kubernetes' HPA: ``ceil(live * utilisation / target)``).
     """
     by_queue = load.queued + load.in_flight
     by_cpu = 0
-    if load.cpu is not None and load.live:
+    # CPU counts only while there is work: an idle replica's housekeeping must not keep it
+    # (or bring it back) when min_replicas is 0.
+    if load.cpu is not None and load.live and by_queue:
         utilisation = 100.0 * load.cpu / compute.cpu
         by_cpu = math.ceil(load.live * utilisation / compute.target_cpu_utilization - 1e-9)
+        # A replica serves one request at a time, so hot replicas earn one spare for the next
+        # request, not as many as their CPU use suggests.
+        by_cpu = min(by_cpu, by_queue + 1)
     wanted = max(by_queue, by_cpu, compute.min_replicas)
     return min(wanted, compute.max_replicas)
 

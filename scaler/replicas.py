@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import redis
+
 from inferq.processes import spawn
 from inferq.registry import Registry
 from workers.replica import replica_id
@@ -30,6 +32,7 @@ class ReplicaProcess:
 
     api: str
     version: str
+    host: str
     process: subprocess.Popen
     gpus: tuple[int, ...] = ()
     started_at: float = field(default_factory=time.monotonic)
@@ -39,7 +42,7 @@ class ReplicaProcess:
 
     @property
     def id(self) -> str:
-        return replica_id(self.process.pid)
+        return replica_id(self.process.pid, self.host)
 
     @property
     def pid(self) -> int:
@@ -84,7 +87,7 @@ def start_replica(
         [sys.executable, "-m", "inferq", "worker", api, "--loglevel", loglevel],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
-    replica = ReplicaProcess(api, version, process, gpus)
+    replica = ReplicaProcess(api, version, host, process, gpus)
     logs.follow(replica)
     return replica
 
@@ -126,7 +129,7 @@ class LogPump:
         while not self._stop.wait(LOG_FLUSH_SECONDS):
             try:
                 self.flush()
-            except Exception:  # the broker may be away a moment: lines wait for the next try
+            except redis.RedisError:  # the broker may be away a moment: lines wait for it
                 continue
 
     def flush(self) -> None:
@@ -138,7 +141,7 @@ class LogPump:
         try:
             for api, lines in by_api.items():
                 self.registry.add_logs(api, lines)
-        except Exception:
+        except redis.RedisError:
             with self._lock:
                 self._pending[:0] = pending[-10_000:]
             raise

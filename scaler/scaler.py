@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ class Scaler:
         for replica in self.replicas:
             try:
                 replica.process.wait(max(0.0, deadline - time.monotonic()))
-            except Exception:
+            except subprocess.TimeoutExpired:
                 replica.kill()
                 replica.process.wait()
         try:
@@ -154,12 +155,17 @@ class Scaler:
         now = time.monotonic()
         desired: dict[str, int] = {}
         observed: dict[str, list[dict]] = {}
+        previous_desired = self.registry.plan().get("desired", {})
         for name, api in deployed.items():
             records = [r for r in self.registry.replicas(name) if r.get("host") in alive]
             observed[name] = records
-            desired[name] = self.autoscaler.desired(
-                name, api.api.compute, self._load(name, records), now
-            )
+            load = self._load(name, records)
+            desired[name] = self.autoscaler.desired(name, api.api.compute, load, now)
+            if desired[name] != previous_desired.get(name):
+                log.info('api "%s": %s -> %d replica(s) (queued %d, in flight %d, live %d, '
+                         "cpu %s)", name, previous_desired.get(name, "new"), desired[name],
+                         load.queued, load.in_flight, load.live,
+                         "?" if load.cpu is None else f"{load.cpu:.0f}m")
         for name in self.autoscaler.known() - set(deployed):
             self.autoscaler.forget(name)
         previous = self.registry.plan().get("hosts", {})
@@ -246,13 +252,13 @@ class Scaler:
                 key=lambda r: (r in live, r.id in busy, -r.started_at),
             )
             for replica in ranked[: len(current) - target]:
-                replica.stop()
+                self._stop_replica(replica)
         elif len(current) < target:
             self._start(deployed, target - len(current), old, now)
         # Old replicas serve until new ones are live: a redeploy never drops capacity.
         keep_old = max(0, min(target, len(old) + len(live)) - len(live))
         for replica in sorted(old, key=lambda r: r.started_at)[: len(old) - keep_old]:
-            replica.stop()
+            self._stop_replica(replica)
 
     def _start(self, deployed: DeployedApi, count: int, old: list[ReplicaProcess],
                now: float) -> None:
@@ -267,7 +273,7 @@ class Scaler:
                 if len(free) < need:
                     # A GPU is never shared: an old version's replica makes room first.
                     if old:
-                        old.pop(0).stop()
+                        self._stop_replica(old.pop(0))
                     return
                 gpus = tuple(free[:need])
             replica = start_replica(
@@ -275,7 +281,8 @@ class Scaler:
                 loglevel=self.loglevel,
             )
             self.registry.set_replica(
-                deployed.name, replica.id, status="pending", host=self.host, pid=replica.pid,
+                deployed.name, replica.id, status="pending", host=self.host,
+                replica_pid=replica.pid,
                 version=deployed.version, gpus=list(gpus),
             )
             self.replicas.append(replica)
@@ -292,7 +299,12 @@ class Scaler:
         if mine and self.registry.queue_length(queue_name(name)) and now - started < 60:
             return
         for replica in mine:
-            replica.stop()
+            self._stop_replica(replica)
+
+    def _stop_replica(self, replica: ReplicaProcess) -> None:
+        """Warm shutdown; the record says "stopping" so the replica no longer counts as live."""
+        replica.stop()
+        self.registry.set_replica(replica.api, replica.id, status="stopping")
 
     def _reap(self, deployed: dict[str, DeployedApi], now: float) -> None:
         """Notice replicas that exited; record why unexpected exits happened."""
@@ -354,6 +366,13 @@ class Scaler:
                           replica.api, replica.id, format_mem(sample.rss), format_mem(mem))
                 replica.oom = True
                 replica.kill()
+                # Retrying the request would likely kill the next replica too: answer it.
+                task = self.registry.in_flight(replica.api).get(replica.id)
+                if task:
+                    self.registry.fail_tasks({task}, (
+                        f"the replica ran out of memory while predicting (it used "
+                        f"{format_mem(sample.rss)}, over its mem request {format_mem(mem)})"
+                    ))
         for api, values in usage.items():
             self.registry.set_usage(api, values)
 

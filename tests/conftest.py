@@ -19,6 +19,8 @@ from inferq.processes import spawn, stop, wait_until
 from inferq.registry import Registry
 from inferq.stack import EmbeddedRedis
 
+pytest_plugins = ["s3server", "scalers"]
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "configs" / "examples"
 

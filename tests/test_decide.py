@@ -25,8 +25,8 @@ def test_a_backlog_wants_one_replica_per_waiting_or_running_request_within_bound
 def test_cpu_over_target_wants_more_replicas_even_without_a_queue():
     c = compute(min_replicas=1, max_replicas=10, cpu=1000, target_cpu_utilization=50)
     # Two replicas each at 900m of a 1000m request: 90% against a 50% target -> 4 replicas.
-    assert recommend(c, Load(queued=0, in_flight=0, live=2, cpu=900)) == 4
-    assert recommend(c, Load(queued=0, in_flight=0, live=2, cpu=400)) == 2
+    assert recommend(c, Load(queued=0, in_flight=2, live=2, cpu=900)) == 4
+    assert recommend(c, Load(queued=0, in_flight=1, live=2, cpu=400)) == 2
 
 
 def test_scale_from_zero_needs_only_a_queued_request():
@@ -144,3 +144,9 @@ def test_statuses_follow_their_meaning():
     assert judge("v2", 1, None, [replica("live")], [oom])[0] == "live"
     # During a rollout to a broken version the old version still serves, but it is an error.
     assert judge("v2", 1, None, [replica("live", version="v1")], [failure])[0] == "error"
+
+
+def test_idle_cpu_does_not_keep_a_replica_that_min_replicas_zero_lets_go():
+    c = compute(min_replicas=0, max_replicas=2, cpu=200)
+    assert recommend(c, Load(live=1, cpu=20)) == 0
+    assert recommend(c, Load(in_flight=1, live=1, cpu=190)) == 2

@@ -31,9 +31,9 @@ from workers.predictor import PythonPredictor, import_file
 log = logging.getLogger("inferq.replica")
 
 
-def replica_id(pid: int | None = None) -> str:
-    """This replica's id: host and the PID of its worker's main process."""
-    return f"{stack.host_name()}-{pid or os.getpid()}"
+def replica_id(pid: int | None = None, host: str | None = None) -> str:
+    """A replica's id: its host and the PID of its worker's main process."""
+    return f"{host or stack.host_name()}-{pid or os.getpid()}"
 
 
 class Replica:
@@ -70,7 +70,9 @@ def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
     """Load ``api_name`` as deployed now and return a live replica (see the module doc)."""
     deployed = resolve(api_name, registry)
     registry.set_replica(
-        api_name, replica, status="creating", host=stack.host_name(), pid=os.getpid(),
+        api_name, replica, status="creating", host=stack.host_name(),
+        pid=os.getpid(),  # the process that predicts (the worker's pool child)
+        replica_pid=os.getppid(),  # the worker's main process: the replica itself
         version=deployed.version, error=None,
     )
     try:

@@ -1,0 +1,118 @@
+"""Fixtures for scaler tests: real ``inferq scaler`` and ``inferq gateway`` processes.
+
+Hosts are declared (``--cpu``, ``--mem``, ``--gpus``) so GPU placement is tested without
+GPUs. Every process is stopped at teardown, also when the test fails; a scaler's replicas
+die with it (parent-death signal), which the teardown checks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from inferq.processes import pid_alive, spawn, stop, wait_until
+from inferq.registry import Registry
+from inferq.stack import free_port
+
+
+class Scalers:
+    """Starts scalers (one per declared host) and stops them all at teardown."""
+
+    def __init__(self, redis_url: str, registry: Registry, logs: Path) -> None:
+        self.redis_url = redis_url
+        self.registry = registry
+        self.logs = logs
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.descendants: set[int] = set()
+
+    def start(self, host: str = "host-a", *, cpu: str | None = None, mem: str | None = None,
+              gpus: int | None = 0) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "inferq", "scaler", "--host-name", host]
+        for flag, value in (("--cpu", cpu), ("--mem", mem), ("--gpus", gpus)):
+            if value is not None:
+                args += [flag, str(value)]
+        log_path = self.logs / f"scaler-{host}.log"
+        with open(log_path, "ab") as log:
+            process = spawn(args, env={**os.environ, "INFERQ_BROKER_URL": self.redis_url},
+                            stdout=log, stderr=subprocess.STDOUT)
+        process.log_path = log_path
+        self.processes[host] = process
+        return process
+
+    def log(self, host: str = "host-a") -> str:
+        return self.processes[host].log_path.read_text(errors="replace")
+
+    def kill(self, host: str) -> None:
+        """SIGKILL a scaler, as a host that vanishes."""
+        process = self.processes.pop(host)
+        self._remember_children(process)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def stop(self, host: str) -> int:
+        process = self.processes.pop(host)
+        self._remember_children(process)
+        return stop(process, timeout=60)
+
+    def stop_all(self) -> None:
+        for host in list(self.processes):
+            self.stop(host)
+        # Every replica died with its scaler: nothing of ours is left running.
+        wait_until(lambda: not any(pid_alive(p) for p in self.descendants), 20,
+                   what="replicas gone with their scaler")
+
+    def _remember_children(self, process: subprocess.Popen) -> None:
+        try:
+            children = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        self.descendants.update(child.pid for child in children)
+
+
+@pytest.fixture
+def scalers(redis_url, registry, tmp_path):
+    pool = Scalers(redis_url, registry, tmp_path / "scaler-logs")
+    yield pool
+    pool.stop_all()
+
+
+class Gateway:
+    def __init__(self, process: subprocess.Popen, url: str) -> None:
+        self.process = process
+        self.url = url
+
+    def post(self, endpoint: str, sample, timeout: float = 30) -> requests.Response:
+        return requests.post(self.url + endpoint, json=sample, timeout=timeout)
+
+
+@pytest.fixture
+def gateway(redis_url, tmp_path):
+    """A real gateway process on a free port."""
+    port = free_port()
+    with open(tmp_path / "gateway.log", "wb") as log:
+        process = spawn([sys.executable, "-m", "inferq", "gateway", "--port", str(port)],
+                        env={**os.environ, "INFERQ_BROKER_URL": redis_url},
+                        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise AssertionError((tmp_path / "gateway.log").read_text())
+        try:
+            return requests.get(url + "/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_until(answers, 30, what="the gateway answers")
+        yield Gateway(process, url)
+    finally:
+        stop(process, timeout=15)
