@@ -1,0 +1,126 @@
+"""Several scalers, one system: placement across hosts, GPU hosts, a host that vanishes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from conftest import write_project
+from inferq import Client
+from inferq.deploy import deploy
+from inferq.processes import wait_until
+
+PREDICTOR = """
+import os, time
+
+def predict(sample, metadata):
+    time.sleep(sample.get("sleep", 0))
+    return {"pid": os.getpid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "host": os.environ.get("INFERQ_HOST_NAME")}
+"""
+
+
+def two_apis(tmp_path):
+    return write_project(
+        tmp_path / "project",
+        """
+        - kind: deployment
+          name: fleet
+        - kind: api
+          name: cpu-api
+          predictor: {path: predictor.py}
+          compute: {min_replicas: 3, max_replicas: 3}
+        - kind: api
+          name: gpu-api
+          predictor: {path: predictor.py}
+          compute: {gpu: 1, min_replicas: 3, max_replicas: 3}
+        """,
+        {"predictor.py": PREDICTOR},
+    )
+
+
+def live_by_host(registry, api: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in registry.replicas(api):
+        if record["status"] == "live":
+            counts[record["host"]] = counts.get(record["host"], 0) + 1
+    return counts
+
+
+def test_two_hosts_share_the_work_and_a_vanished_host_is_replaced(
+        registry, scalers, redis_url, tmp_path):
+    deploy(two_apis(tmp_path), registry)
+    scalers.start("host-a", gpus=0)
+    scalers.start("host-b", gpus=2)
+
+    # The CPU API gets exactly 3 replicas in the whole system.
+    wait_until(lambda: sum(live_by_host(registry, "cpu-api").values()) == 3, 90,
+               what="3 live CPU replicas")
+    # The GPU API runs only on B, one GPU each; the third waits with the reason.
+    wait_until(lambda: live_by_host(registry, "gpu-api") == {"host-b": 2}, 60,
+               what="2 GPU replicas on host-b")
+    gpu_replicas = [r for r in registry.replicas("gpu-api") if r["status"] == "live"]
+    assert sorted(tuple(r["gpus"]) for r in gpu_replicas) == [(0,), (1,)]
+    status = wait_until(
+        lambda: (s := registry.status("gpu-api"))["status"] == "compute unavailable" and s, 10,
+        what="gpu-api compute unavailable",
+    )
+    assert "1 replica(s) cannot be placed" in status["reason"]
+    assert "host-a: needs gpu 1, host has 0" in status["reason"]
+    time.sleep(1.5)  # several scaler rounds: still exactly 3, no host started an extra one
+    assert sum(live_by_host(registry, "cpu-api").values()) == 3
+    assert len(registry.replicas("cpu-api")) == 3
+
+    with Client(redis_url) as client:
+        seen_gpus = {client.predict("gpu-api", {}, timeout=30)["gpus"] for _ in range(12)}
+        assert seen_gpus <= {"0", "1"} and seen_gpus
+
+        answers: list = []
+        errors: list = []
+        stop = threading.Event()
+
+        def loop():
+            while not stop.is_set():
+                try:
+                    answers.append(client.predict("cpu-api", {"sleep": 0.05}, timeout=40))
+                except Exception as exc:  # the assertion below shows what failed
+                    errors.append(exc)
+
+        senders = [threading.Thread(target=loop) for _ in range(3)]
+        for sender in senders:
+            sender.start()
+        try:
+            wait_until(lambda: len(answers) >= 10, 30, what="requests flowing")
+            held_by_b = live_by_host(registry, "cpu-api").get("host-b", 0)
+            killed_at = time.monotonic()
+            scalers.kill("host-b")
+            wait_until(lambda: live_by_host(registry, "cpu-api") == {"host-a": 3}, 30,
+                       what="CPU replicas moved to host-a")
+            moved_in = time.monotonic() - killed_at
+            count = len(answers)
+            wait_until(lambda: len(answers) >= count + 10, 30, what="requests after the move")
+        finally:
+            stop.set()
+            for sender in senders:
+                sender.join()
+    assert not errors, errors[:3]
+    assert moved_in < 15 or held_by_b == 0, f"moved in {moved_in:.1f}s"
+    # With host-b gone, nothing can run the GPU API: it says so.
+    status = wait_until(
+        lambda: (s := registry.status("gpu-api"))["status"] == "compute unavailable" and s, 20,
+        what="gpu-api compute unavailable after host-b left",
+    )
+    assert "needs gpu 1, host has 0" in status["reason"]
+    assert set(registry.hosts()) == {"host-a"}
+
+
+def test_a_new_host_lets_waiting_replicas_start(registry, scalers, tmp_path):
+    deploy(two_apis(tmp_path), registry)
+    scalers.start("host-a", gpus=0)
+    wait_until(lambda: registry.status("gpu-api")
+               and registry.status("gpu-api")["status"] == "compute unavailable", 30,
+               what="gpu-api waits for a GPU host")
+    scalers.start("host-b", gpus=3)
+    wait_until(lambda: live_by_host(registry, "gpu-api") == {"host-b": 3}, 90,
+               what="3 GPU replicas on the new host")
+    wait_until(lambda: registry.status("gpu-api")["status"] == "live", 10, what="gpu-api live")
