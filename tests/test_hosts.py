@@ -6,7 +6,8 @@ import threading
 import time
 
 from conftest import write_project
-from inferq import Client
+
+from inferq import Client, InferqError
 from inferq.deploy import deploy
 from inferq.processes import wait_until
 
@@ -83,7 +84,7 @@ def test_two_hosts_share_the_work_and_a_vanished_host_is_replaced(
             while not stop.is_set():
                 try:
                     answers.append(client.predict("cpu-api", {"sleep": 0.05}, timeout=40))
-                except Exception as exc:  # the assertion below shows what failed
+                except InferqError as exc:  # the assertion below shows what failed
                     errors.append(exc)
 
         senders = [threading.Thread(target=loop) for _ in range(3)]
