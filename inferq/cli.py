@@ -75,13 +75,15 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from inferq.status import render_api, render_table, snapshot
+    from inferq.status import host_rows, render_api, render_hosts, render_table, snapshot
 
     registry = _registry()
     while True:
-        rows = snapshot(registry, args.api)
+        rows = host_rows(registry) if args.hosts else snapshot(registry, args.api)
         if args.output == "json":
             text = json.dumps(rows, indent=2)
+        elif args.hosts:
+            text = render_hosts(rows)
         elif args.api:
             text = render_api(rows[0], stack.gateway_url())
         else:
@@ -92,6 +94,23 @@ def cmd_get(args: argparse.Namespace) -> int:
         if not args.watch:
             return 0
         time.sleep(1)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    registry = _registry()
+    if registry.api(args.api) is None and not registry.read_logs(args.api, count=1):
+        print(f'error: no API named "{args.api}" is deployed (see `inferq get`)', file=sys.stderr)
+        return 1
+    entries = registry.last_logs(args.api, max(args.tail, 1))
+    last = entries[-1][0] if entries else "0"  # follow on from the newest line
+    entries = entries[-args.tail:] if args.tail > 0 else []
+    for _, replica, line in entries:
+        print(f"[{replica}] {line}", flush=True)
+    while args.follow:
+        for entry_id, replica, line in registry.read_logs(args.api, last, block=1.0):
+            print(f"[{replica}] {line}", flush=True)
+            last = entry_id
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -189,12 +208,22 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("api", nargs="?", metavar="API_NAME")
     get.add_argument("--watch", action="store_true", help="refresh every second")
     get.add_argument("--output", choices=["table", "json"], default="table")
+    get.add_argument("--hosts", action="store_true",
+                     help="list the hosts (scalers) with capacity, replicas and heartbeat")
     get.set_defaults(handler=cmd_get)
 
     delete = sub.add_parser("delete", help="remove a deployment")
     delete.add_argument("name", nargs="?", metavar="DEPLOYMENT_NAME",
                         help="default: the deployment of ./cortex.yaml")
     delete.set_defaults(handler=cmd_delete)
+
+    logs = sub.add_parser("logs", help="stream an API's replica logs")
+    logs.add_argument("api", metavar="API_NAME")
+    logs.add_argument("--tail", type=int, default=100,
+                      help="lines of history to show first (default 100)")
+    logs.add_argument("--no-follow", dest="follow", action="store_false",
+                      help="print the history and exit instead of following new lines")
+    logs.set_defaults(handler=cmd_logs)
 
     worker = sub.add_parser("worker", help="run one replica of an API")
     worker.add_argument("api", metavar="API_NAME")

@@ -14,6 +14,8 @@ Keys (all under ``inferq:``):
 ``status:<api>``               JSON: the API's status as the scaler last judged it
 ``reply:<client id>``          list: replies for one client (gateway or Python client)
 ``stats:<api>``                hash: request counts by status class, latency sum
+``tracker:<api>``              hash: tracked predictions (``class:<label>`` counts, or
+                               ``count``, ``sum``, ``min``, ``max`` of regression values)
 ``inflight:<api>``             hash: replica id -> id of the task it is predicting now
 ``usage:<api>``                hash: replica id -> JSON cpu (millicores) and rss (bytes)
 ``failure:<api>``              hash: host -> JSON last replica failure there (kind, message)
@@ -255,6 +257,28 @@ class Registry:
         raw = self.redis.hgetall(_key("stats", api))
         return {k.decode(): float(v) for k, v in raw.items()}
 
+    def track_class(self, api: str, label: str) -> None:
+        self.redis.hincrby(_key("tracker", api), f"class:{label}", 1)
+
+    def track_value(self, api: str, value: float) -> None:
+        self._track_value(keys=[_key("tracker", api)], args=[repr(value)])
+
+    def tracker_stats(self, api: str) -> dict[str, Any]:
+        """{"classes": {label: count}} or {"count", "min", "max", "mean"}; {} when empty."""
+        raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(_key("tracker", api)).items()}
+        classes = {k[len("class:"):]: int(v) for k, v in raw.items() if k.startswith("class:")}
+        if classes:
+            return {"classes": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0])))}
+        if "count" in raw:
+            count = int(raw["count"])
+            return {"count": count, "min": float(raw["min"]), "max": float(raw["max"]),
+                    "mean": float(raw["sum"]) / count}
+        return {}
+
+    @property
+    def _track_value(self) -> Any:
+        return self.redis.register_script(_TRACK_VALUE_SCRIPT)
+
     def _retire_bundle(self, digest: str) -> None:
         # Keep a replaced bundle a while: replicas of the old version may still start from it.
         in_use = {a.bundle for a in self.apis()}
@@ -290,8 +314,13 @@ class Registry:
     def start_request(self, api: str, replica: str, task_id: str) -> None:
         self.redis.hset(_key("inflight", api), replica, task_id)
 
-    def end_request(self, api: str, replica: str) -> None:
-        self.redis.hdel(_key("inflight", api), replica)
+    def end_request(self, api: str, replica: str, task_id: str | None = None) -> None:
+        """Clear the replica's in-flight marker; with ``task_id``, only if it names that task
+        (a replica that already took its next request keeps that request's marker)."""
+        if task_id is None:
+            self.redis.hdel(_key("inflight", api), replica)
+        else:
+            self._end_request(keys=[_key("inflight", api)], args=[replica, task_id])
 
     def in_flight(self, api: str) -> dict[str, str]:
         """Replica id -> the task it is predicting now."""
@@ -408,6 +437,15 @@ class Registry:
                 )
         return entries
 
+    def last_logs(self, api: str, count: int) -> list[tuple[str, str, str]]:
+        """The newest ``count`` log entries, oldest first, as (id, replica, line)."""
+        if count <= 0:
+            return []
+        raw = self.redis.xrevrange(_key("logs", api), count=count)
+        return [
+            (i.decode(), f[b"replica"].decode(), f[b"line"].decode()) for i, f in reversed(raw)
+        ]
+
     # -- hosts, leadership and the plan -------------------------------------------------------
 
     def now(self) -> float:
@@ -451,6 +489,10 @@ class Registry:
     def _resign(self) -> Any:
         return self.redis.register_script(_RESIGN_SCRIPT)
 
+    @property
+    def _end_request(self) -> Any:
+        return self.redis.register_script(_END_REQUEST_SCRIPT)
+
     # -- replies ------------------------------------------------------------------------------
 
     @staticmethod
@@ -482,7 +524,10 @@ class Registry:
         pipe = self.redis.pipeline()
         pipe.lrange(reply_to, 0, -1)
         pipe.delete(reply_to)
-        rest, _ = pipe.execute()
+        try:
+            rest, _ = pipe.execute()
+        except redis.RedisError:
+            return replies  # the popped one must not be lost; the rest wait for the next call
         replies.extend(json.loads(r) for r in rest)
         return replies
 
@@ -496,8 +541,24 @@ end
 return 0
 """
 
+_TRACK_VALUE_SCRIPT = """
+local value = tonumber(ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'count', 1)
+redis.call('HINCRBYFLOAT', KEYS[1], 'sum', ARGV[1])
+local low = redis.call('HGET', KEYS[1], 'min')
+if low == false or value < tonumber(low) then redis.call('HSET', KEYS[1], 'min', ARGV[1]) end
+local high = redis.call('HGET', KEYS[1], 'max')
+if high == false or value > tonumber(high) then redis.call('HSET', KEYS[1], 'max', ARGV[1]) end
+return 1
+"""
+
 _RESIGN_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_END_REQUEST_SCRIPT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 0
 """
 

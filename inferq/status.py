@@ -1,12 +1,12 @@
-"""What ``inferq get`` shows: one row per API, from the registry."""
+"""What ``inferq get`` shows: one row per API (or one API in detail, or the hosts)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from inferq.registry import DeployedApi, Registry
 from inferq.errors import UnknownAPI
+from inferq.registry import DeployedApi, Registry
 
 
 def api_status(deployed: DeployedApi, replicas: list[dict[str, Any]],
@@ -29,55 +29,73 @@ def snapshot(registry: Registry, api: str | None = None) -> list[dict[str, Any]]
     if api is not None:
         deployed = registry.api(api)
         if deployed is None:
-            raise UnknownAPI(f'no API named "{api}" is deployed')
+            raise UnknownAPI(f'no API named "{api}" is deployed (see `inferq get`)')
         apis = [deployed]
     else:
         apis = registry.apis()
-    rows = []
-    for deployed in apis:
-        replicas = registry.replicas(deployed.name)
-        judged = registry.status(deployed.name)
-        up_to_date = sum(
+    return [_row(registry, deployed, detail=api is not None) for deployed in apis]
+
+
+def _row(registry: Registry, deployed: DeployedApi, *, detail: bool) -> dict[str, Any]:
+    name = deployed.name
+    replicas = registry.replicas(name)
+    judged = registry.status(name)
+    stats = registry.request_stats(name)
+    count = stats.get("count", 0)
+    row = {
+        "api": name,
+        "deployment": deployed.api.deployment,
+        "status": api_status(deployed, replicas, judged),
+        "reason": (judged or {}).get("reason"),
+        "up_to_date": sum(
             1 for r in replicas if r.get("version") == deployed.version and r["status"] == "live"
-        )
-        requested = (judged or {}).get("requested", deployed.api.compute.init_replicas)
-        rows.append(
-            {
-                "api": deployed.name,
-                "deployment": deployed.api.deployment,
-                "status": api_status(deployed, replicas, judged),
-                "reason": (judged or {}).get("reason"),
-                "up_to_date": up_to_date,
-                "requested": requested,
-                "last_update": deployed.updated_at,
-                "endpoint": deployed.api.endpoint,
-                "version": deployed.version,
-                "replicas": replicas,
-                "config": deployed.api.to_dict(),
-            }
-        )
-    return rows
+        ),
+        "requested": (judged or {}).get("requested", deployed.api.compute.init_replicas),
+        "last_update": deployed.updated_at,
+        "avg_latency": stats["latency_sum"] / count if count else None,
+        "2xx": int(stats.get("2xx", 0)),
+        "4xx": int(stats.get("4xx", 0)),
+        "5xx": int(stats.get("5xx", 0)),
+        "hosts": _hosts(replicas),
+        "endpoint": deployed.api.endpoint,
+        "version": deployed.version,
+    }
+    if detail:
+        row["tracker"] = registry.tracker_stats(name) if deployed.api.tracker else None
+        row["replicas"] = replicas
+        row["config"] = deployed.api.to_dict()
+    return row
+
+
+def _hosts(replicas: list[dict[str, Any]]) -> dict[str, int]:
+    hosts: dict[str, int] = {}
+    for record in replicas:
+        if record["status"] == "live":
+            hosts[record["host"]] = hosts.get(record["host"], 0) + 1
+    return dict(sorted(hosts.items()))
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no APIs are deployed (deploy one with `inferq deploy PROJECT_DIR`)"
-    header = ("api", "status", "up-to-date", "requested", "last update")
+    header = ("api", "status", "up-to-date", "requested", "last update", "avg latency",
+              "2XX", "4XX", "5XX", "hosts")
     lines = [header] + [
         (
             r["api"],
             r["status"],
             str(r["up_to_date"]),
             str(r["requested"]),
-            _age(r["last_update"]),
+            age(r["last_update"]),
+            _latency(r["avg_latency"]),
+            _count(r["2xx"]),
+            _count(r["4xx"]),
+            _count(r["5xx"]),
+            ", ".join(f"{h} ({n})" for h, n in r["hosts"].items()) or "-",
         )
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
-        for line in lines
-    )
+    return _columns(lines, numeric={2, 3, 5, 6, 7, 8})
 
 
 def render_api(row: dict[str, Any], gateway: str) -> str:
@@ -85,17 +103,100 @@ def render_api(row: dict[str, Any], gateway: str) -> str:
 
     lines = [render_table([row]), "", f"endpoint: {gateway}{row['endpoint']}"]
     if row["reason"]:
-        lines.append(f"reason: {row['reason']}")
+        lines.append("reason:")
+        lines.extend("  " + line for line in row["reason"].splitlines())
+    lines.extend(_tracker_lines(row["tracker"], row["config"].get("tracker")))
     for replica in row["replicas"]:
-        error = replica.get("error")
-        lines.append(f"replica {replica['id']}: {replica['status']}")
-        if error:
-            lines.extend("  " + line for line in error.splitlines()[-8:])
+        gpus = f", gpu {','.join(map(str, replica['gpus']))}" if replica.get("gpus") else ""
+        lines.append(f"replica {replica['id']}: {replica['status']}{gpus}")
+        if replica.get("error"):
+            lines.extend("  " + line for line in replica["error"].splitlines()[-8:])
     lines += ["", "configuration:", yaml.safe_dump(row["config"], sort_keys=False).rstrip()]
     return "\n".join(lines)
 
 
-def _age(timestamp: float) -> str:
+def _tracker_lines(stats: dict[str, Any] | None, tracker: dict[str, Any] | None) -> list[str]:
+    if tracker is None:
+        return []
+    lines = ["", f"tracker ({tracker['model_type']}):"]
+    if not stats:
+        return [*lines, "  no predictions tracked yet"]
+    if "classes" in stats:
+        total = sum(stats["classes"].values())
+        rows = [("class", "count", "share")] + [
+            (label, _count(n), f"{100 * n / total:.1f}%") for label, n in stats["classes"].items()
+        ]
+        return lines + ["  " + line for line in _columns(rows, numeric={1, 2}).splitlines()]
+    summary = (f"  count {_count(stats['count'])}  min {stats['min']:.6g}  "
+               f"max {stats['max']:.6g}  avg {stats['mean']:.6g}")
+    return [*lines, summary]
+
+
+def host_rows(registry: Registry) -> list[dict[str, Any]]:
+    """Every registered host with its capacity, what it runs and its heartbeat's age."""
+    now = registry.now()
+    rows = []
+    for name, info in sorted(registry.hosts().items()):
+        rows.append({
+            "host": name,
+            "capacity": info["capacity"],
+            "replicas": info.get("replicas", {}),
+            "heartbeat_age": max(0.0, now - info["heartbeat"]),
+            "leader": registry.leader() == name,
+        })
+    return rows
+
+
+def render_hosts(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no scaler is running (start one with `inferq scaler` or `inferq up`)"
+    from configs import format_cpu
+    from scaler.host import Capacity
+
+    header = ("host", "cpu", "mem", "gpus", "replicas", "heartbeat")
+    lines = [header]
+    for r in rows:
+        capacity = Capacity.from_dict(r["capacity"])
+        lines.append((
+            r["host"] + (" (leader)" if r["leader"] else ""),
+            format_cpu(capacity.cpu),
+            f"{capacity.mem / 2**30:.1f}Gi",
+            str(capacity.gpu_count),
+            ", ".join(f"{api} ({n})" for api, n in sorted(r["replicas"].items())) or "-",
+            f"{r['heartbeat_age']:.1f}s ago",
+        ))
+    return _columns(lines, numeric={1, 3})
+
+
+def _columns(lines: list[tuple[str, ...]], numeric: set[int]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if i in numeric and n else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for n, line in enumerate(lines)
+    )
+
+
+def _latency(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms" if seconds >= 0.01 else f"{seconds * 1000:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _count(value: int) -> str:
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if value >= size * 10:
+            return f"{value / size:.0f}{unit}"
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return str(value)
+
+
+def age(timestamp: float) -> str:
     seconds = max(0, int(time.time() - timestamp))
     if seconds < 60:
         return f"{seconds}s"

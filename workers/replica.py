@@ -27,6 +27,7 @@ from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.registry import DeployedApi, Registry
 from workers.models import fetch_model
 from workers.predictor import PythonPredictor, import_file
+from workers.tracker import PredictionTracker
 
 log = logging.getLogger("inferq.replica")
 
@@ -39,11 +40,13 @@ def replica_id(pid: int | None = None, host: str | None = None) -> str:
 class Replica:
     """A loaded predictor of one deployed API, ready to predict."""
 
-    def __init__(self, deployed: DeployedApi, predictor: Any, replica: str) -> None:
+    def __init__(self, deployed: DeployedApi, predictor: Any, replica: str,
+                 tracker: PredictionTracker | None = None) -> None:
         self.deployed = deployed
         self.api: Api = deployed.api
         self.predictor = predictor
         self.id = replica
+        self.tracker = tracker
 
     def predict(self, sample: Any, *, debug: bool = False) -> Any:
         """``predict(sample)`` as JSON-compatible data; PredictionError when it fails."""
@@ -58,6 +61,8 @@ class Replica:
             log.exception('api "%s": predict() raised', self.api.name)
             raise PredictionError(_describe(exc), api=self.api.name) from exc
         prediction = to_jsonable(prediction, api=self.api.name)
+        if self.tracker is not None:
+            self.tracker.track(prediction)
         if debug:
             log.info(
                 'api "%s": debug: prediction: %s (%.1f ms)',
@@ -84,7 +89,11 @@ def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
         raise
     registry.set_replica(api_name, replica, status="live", live_at=time.time())
     log.info('api "%s": replica %s is live (version %s)', api_name, replica, deployed.version)
-    return Replica(deployed, predictor, replica)
+    tracker = deployed.api.tracker
+    return Replica(
+        deployed, predictor, replica,
+        PredictionTracker(api_name, tracker, registry) if tracker is not None else None,
+    )
 
 
 def resolve(api_name: str, registry: Registry) -> DeployedApi:

@@ -1,0 +1,159 @@
+"""`inferq get`, the tracker, `inferq logs` and /metrics, driven by real traffic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import inferq_command, write_project
+from inferq import Client
+from inferq.deploy import deploy
+from inferq.processes import wait_until
+
+PREDICTOR = """
+def predict(sample, metadata):
+    if sample.get("fail"):
+        raise ValueError("cannot predict that")
+    if metadata.get("kind") == "regression":
+        return {"price": sample["x"] * 1.5}
+    return {"label": sample["label"], "score": 0.5} if "label" in sample else [1, 2]
+"""
+
+
+def project(tmp_path, tracker: str, kind: str):
+    return write_project(
+        tmp_path / kind,
+        f"""
+        - kind: deployment
+          name: {kind}
+        - kind: api
+          name: {kind}
+          predictor:
+            path: predictor.py
+            metadata: {{kind: {kind}}}
+          tracker: {tracker}
+        """,
+        {"predictor.py": PREDICTOR},
+    )
+
+
+def inferq(*args: str, gateway=None) -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    if gateway is not None:
+        env["INFERQ_GATEWAY_URL"] = gateway.url
+    return subprocess.run(inferq_command(*args), capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+
+
+def live(registry, api):
+    return wait_until(lambda: any(r["status"] == "live" for r in registry.replicas(api)), 60,
+                      what=f"{api} live")
+
+
+def test_get_counts_requests_by_class_and_shows_the_class_distribution(
+        registry, scalers, gateway, tmp_path):
+    deploy(project(tmp_path, "{model_type: classification, key: label}", "classify"), registry)
+    scalers.start()
+    live(registry, "classify")
+    for label in ["cat", "cat", "dog", "cat"]:
+        assert gateway.post("/classify/classify", {"label": label}).status_code == 200
+    with Client(registry.url) as client:  # predictions made from Python count too
+        assert client.predict("classify", {"label": "bird"})["label"] == "bird"
+    assert gateway.post("/classify/classify", {"fail": True}).status_code == 500
+    bad = requests.post(gateway.url + "/classify/classify", data=b"{not json",
+                        headers={"Content-Type": "application/json"}, timeout=10)
+    assert bad.status_code == 400
+    # An untrackable prediction (a list, no "label") is served and only logged.
+    assert gateway.post("/classify/classify", {}).json() == [1, 2]
+
+    def counted():
+        rows = json.loads(inferq("get", "--output", "json").stdout)
+        return rows[0]["2xx"] == 5 and rows[0]["5xx"] == 1 and rows[0]["4xx"] == 1 and rows[0]
+
+    row = wait_until(counted, 15, what="request counts recorded")
+    assert row["avg_latency"] > 0 and row["status"] == "live"
+
+    table = inferq("get").stdout.splitlines()
+    header, line = table[0].split(), table[1].split()
+    assert header[:2] == ["api", "status"] and "2XX" in header and "5XX" in header
+    assert line[0] == "classify" and line[1] == "live"
+    assert "ms" in table[1] and " 5 " in table[1]
+
+    detail = inferq("get", "classify", gateway=gateway)
+    assert detail.returncode == 0, detail.stderr
+    text = detail.stdout
+    assert f"endpoint: {gateway.url}/classify/classify" in text
+    assert "tracker (classification):" in text
+    lines = {line.split()[0]: line.split() for line in text.splitlines()[1:] if line.strip()}
+    assert lines["cat"][1:] == ["3", "75.0%"] or lines["cat"][1] == "3"
+    assert lines["dog"][1] == "1" and lines["bird"][1] == "1"
+    stats = json.loads(inferq("get", "classify", "--output", "json").stdout)[0]["tracker"]
+    assert stats == {"classes": {"cat": 3, "bird": 1, "dog": 1}}
+
+
+def test_regression_tracker_keeps_count_min_max_and_mean(registry, scalers, tmp_path):
+    deploy(project(tmp_path, "{model_type: regression, key: price}", "regression"), registry)
+    scalers.start()
+    live(registry, "regression")
+    with Client(registry.url) as client:
+        for x in (1, 2, 6):
+            client.predict("regression", {"x": x})
+    stats = json.loads(inferq("get", "regression", "--output", "json").stdout)[0]["tracker"]
+    assert stats == {"count": 3, "min": 1.5, "max": 9.0, "mean": 4.5}
+    assert "count 3  min 1.5  max 9  avg 4.5" in inferq("get", "regression").stdout
+
+
+def test_logs_show_a_debug_requests_sample_and_prediction(registry, scalers, gateway, tmp_path):
+    deploy(project(tmp_path, "{model_type: classification, key: label}", "classify"), registry)
+    scalers.start()
+    live(registry, "classify")
+    follower = subprocess.Popen(inferq_command("logs", "classify"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        response = requests.post(gateway.url + "/classify/classify?debug=true",
+                                 json={"label": "zebra-42"}, timeout=30)
+        assert response.status_code == 200
+        seen = []
+        wait_until(lambda: _read_until(follower, seen, '"score": 0.5'), 30,
+                   what="the debug prediction in `inferq logs`")
+    finally:
+        follower.terminate()
+        follower.wait(10)
+    text = "".join(seen)
+    assert 'debug: sample: {"label": "zebra-42"}' in text
+    assert "debug: prediction:" in text
+    assert "[host-a-" in text  # each line names its replica
+    history = inferq("logs", "classify", "--no-follow").stdout
+    assert "zebra-42" in history
+
+
+def _read_until(process, seen: list, marker: str) -> bool:
+    line = process.stdout.readline()
+    seen.append(line)
+    return marker in line
+
+
+def test_metrics_are_prometheus_text(registry, scalers, gateway, tmp_path):
+    deploy(project(tmp_path, "{model_type: classification, key: label}", "classify"), registry)
+    scalers.start()
+    live(registry, "classify")
+    assert gateway.post("/classify/classify", {"label": "x"}).status_code == 200
+    assert gateway.post("/classify/classify", {"fail": 1}).status_code == 500
+    text = requests.get(gateway.url + "/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests_total = {
+        (s.labels["api"], s.labels["code"]): s.value
+        for s in families["inferq_requests"].samples if s.name == "inferq_requests_total"
+    }
+    assert requests_total[("classify", "2xx")] == 1 and requests_total[("classify", "5xx")] == 1
+    assert families["inferq_request_duration_seconds"].type == "histogram"
+    assert "inferq_queue_depth" in families
+    replicas = {
+        s.labels["status"]: s.value for s in families["inferq_replicas"].samples
+        if s.labels["api"] == "classify"
+    }
+    assert replicas["live"] == 1

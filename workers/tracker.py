@@ -1,0 +1,67 @@
+"""Cortex's prediction tracker: count predictions per class, or keep regression stats.
+
+``tracker: {model_type: classification, key: label}`` counts the value at ``key`` of each
+prediction (the prediction itself when it is not an object); ``model_type: regression`` keeps
+count, min, max and mean of the float values. Every prediction a replica makes is tracked,
+whichever way its request arrived. A prediction that cannot be tracked is logged once per
+reason and never fails the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import redis
+
+from configs import Tracker
+from inferq.registry import Registry
+
+log = logging.getLogger("inferq.tracker")
+
+
+def tracked_value(tracker: Tracker, prediction: Any) -> tuple[str | float | None, str | None]:
+    """(value to track, None) or (None, why it cannot be tracked)."""
+    value = prediction
+    if isinstance(prediction, dict):
+        if tracker.key is None:
+            return None, "the prediction is an object and the tracker has no key"
+        if tracker.key not in prediction:
+            return None, f'the prediction has no key "{tracker.key}"'
+        value = prediction[tracker.key]
+    elif tracker.key is not None:
+        return None, (f'the tracker\'s key is "{tracker.key}" but the prediction is a '
+                      f"{type(prediction).__name__}, not an object")
+    if tracker.model_type == "classification":
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            return None, f"a classification is a string or an integer, not {type(value).__name__}"
+        return str(value), None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, f"a regression value is a finite number, not {value!r:.40}"
+    return float(value), None
+
+
+class PredictionTracker:
+    """Tracks one API's predictions in the registry (see the module doc)."""
+
+    def __init__(self, api: str, tracker: Tracker, registry: Registry) -> None:
+        self.api = api
+        self.tracker = tracker
+        self.registry = registry
+        self._reported: set[str] = set()
+
+    def track(self, prediction: Any) -> None:
+        value, problem = tracked_value(self.tracker, prediction)
+        if problem is not None:
+            if problem not in self._reported:
+                self._reported.add(problem)
+                log.warning('api "%s": tracker: %s (logged once)', self.api, problem)
+            return
+        try:
+            if isinstance(value, str):
+                self.registry.track_class(self.api, value)
+            else:
+                self.registry.track_value(self.api, value)
+        except redis.RedisError as exc:  # statistics must never fail a prediction
+            log.warning('api "%s": tracker: could not record a prediction (%s)', self.api, exc)
