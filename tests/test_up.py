@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import threading
 
+import psutil
 import pytest
+import requests
 
 from conftest import copy_example, inferq_command
 from inferq.processes import pid_alive, spawn, stop, wait_until
@@ -69,6 +72,18 @@ def run_up(up_env):
         stop(up.process, sig=signal.SIGINT, timeout=30)
 
 
+def _post(url: str, sample) -> object:
+    """The prediction, or None while the API is not ready (503) or the gateway not up."""
+    try:
+        response = requests.post(url, json=sample, timeout=30)
+    except requests.ConnectionError:
+        return None
+    if response.status_code in (503, 504, 404):
+        return None
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def _child_pids(pid: int) -> set[int]:
     found = set()
     for entry in os.listdir("/proc"):
@@ -91,8 +106,15 @@ def test_up_runs_the_embedded_broker_deploys_and_stops_cleanly(run_up, up_env, t
     up.wait_for("inferq is up")
     assert f"http://127.0.0.1:{port}/iris/classifier" in up.output()
     assert "curl " in up.output()
+    sample = json.loads((project / "sample.json").read_text())
+    url = f"http://127.0.0.1:{port}/iris/classifier"
+    answer = wait_until(lambda: _post(url, sample), 90, what="the example answers over HTTP")
+    assert answer == "setosa"
     children = _child_pids(up.process.pid)
     assert children, "inferq up started no child process"
+    # Redis, the gateway, the scaler and the replicas it started: all must go with Ctrl-C.
+    descendants = {p.pid for p in psutil.Process(up.process.pid).children(recursive=True)}
+    assert len(descendants) > len(children)
 
     listed = subprocess.run(inferq_command("get"), env=up_env, capture_output=True, text=True,
                             timeout=60)
@@ -106,8 +128,8 @@ def test_up_runs_the_embedded_broker_deploys_and_stops_cleanly(run_up, up_env, t
 
     assert up.interrupt() == 0
     assert "inferq stopped" in up.output()
-    for pid in children:
-        wait_until(lambda pid=pid: not pid_alive(pid), 10, what=f"child {pid} gone")
+    for pid in children | descendants:
+        wait_until(lambda pid=pid: not pid_alive(pid), 10, what=f"process {pid} gone")
     after = subprocess.run(inferq_command("get"), env=up_env, capture_output=True, text=True,
                            timeout=60)
     assert after.returncode == 1 and "inferq up" in after.stderr
