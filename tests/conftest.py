@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from inferq.processes import spawn, stop, wait_until
+from inferq.processes import spawn, wait_until
 from inferq.registry import Registry
 from inferq.stack import EmbeddedRedis
 
@@ -85,14 +86,15 @@ class Replicas:
     def start(self, api: str, *, wait_live: bool = True, env: dict | None = None,
               timeout: float = 60) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = open(self.logs / f"{api}-{len(self.processes)}.log", "wb")
-        process = spawn(
-            inferq_command("worker", api),
-            env={**os.environ, "INFERQ_BROKER_URL": self.redis_url, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        process.log_path = Path(log.name)
+        log_path = self.logs / f"{api}-{len(self.processes)}.log"
+        with open(log_path, "wb") as log:  # the replica writes to its own copy of the file
+            process = spawn(
+                inferq_command("worker", api),
+                env={**os.environ, "INFERQ_BROKER_URL": self.redis_url, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        process.log_path = log_path
         self.processes.append(process)
         if wait_live:
             self.wait_live(api, process, timeout=timeout)
@@ -116,8 +118,17 @@ class Replicas:
         return process.log_path.read_text(errors="replace")[-5000:]
 
     def stop_all(self) -> None:
+        """SIGTERM every replica at once (a warm shutdown takes seconds), then wait for each;
+        SIGKILL what is still running after 15 s."""
         for process in self.processes:
-            stop(process, timeout=15)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         self.processes.clear()
 
 

@@ -18,9 +18,11 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import Celery, signals
+from celery.concurrency.asynpool import AsynPool
+from celery.concurrency.prefork import TaskPool
 
-from inferq.processes import die_with_parent
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
+from inferq.processes import die_with_parent
 from inferq.registry import Registry
 from workers.app import TASK_NAME, make_app, queue_name
 from workers.replica import Replica, bootstrap, replica_id
@@ -63,11 +65,12 @@ def run_worker(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
     signals.worker_process_init.connect(_on_process_init, weak=False)
     signals.after_setup_logger.connect(_quiet_celery, weak=False)
     signals.task_failure.connect(_on_task_failure, weak=False)
+    signals.task_retry.connect(_on_task_retry, weak=False)
     worker = app.Worker(
         hostname=f"{api}@{_state.replica}",
         queues=[queue_name(api)],
         concurrency=1,
-        pool="prefork",
+        pool=_PromptReapingTaskPool,
         loglevel=loglevel,
         without_gossip=True,
         without_mingle=True,
@@ -88,6 +91,28 @@ def run_worker(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
     return worker.exitcode or 0
 
 
+class _PromptReapingPool(AsynPool):
+    """Celery's prefork pool, noticing at once that its child died mid-prediction.
+
+    Celery reaps a child when the child's sentinel pipe closes, but the kernel closes it a
+    moment before the child can be reaped; a reap that comes too early finds nothing, and the
+    next try is the pool's 5-second maintenance timer (celery #9588), so a killed
+    prediction's retry would wait up to 5 s.
+    """
+
+    def _event_process_exit(self, hub: Any, proc: Any) -> None:
+        deadline = time.monotonic() + 0.5  # bounded: the main loop must not hang on a child
+        while proc._popen is not None and proc._popen.poll() is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        super()._event_process_exit(hub, proc)
+
+
+class _PromptReapingTaskPool(TaskPool):
+    Pool = _PromptReapingPool
+
+
 def register_task(app: Celery) -> None:
     """Register :data:`TASK_NAME` on ``app``: predict one sample with this process's replica."""
 
@@ -104,7 +129,7 @@ def register_task(app: Celery) -> None:
 
 def _serve(request: Any, sample: Any, debug: bool) -> Any:
     replica = _state.loaded
-    reply_to = request.reply_to
+    reply_to = _reply_to(request)
     # The in-flight marker is what the scaler counts as "busy" (queue depth alone misses
     # the requests being predicted) and how a lost host's requests are found again.
     _state.registry.start_request(_state.api, _state.replica, request.id)
@@ -119,6 +144,16 @@ def _serve(request: Any, sample: Any, debug: bool) -> Any:
     if reply_to:
         _reply(reply_to, request.id, result=prediction)
     return prediction
+
+
+def _reply_to(request: Any) -> str | None:
+    """The reply list of an inferq client, or None for a plain Celery caller.
+
+    Celery itself sets ``reply_to`` on every message it sends (for its rpc:// backend); a
+    plain Celery caller reads the result from the result backend instead.
+    """
+    reply_to = getattr(request, "reply_to", None)
+    return reply_to if reply_to and Registry.is_reply_key(reply_to) else None
 
 
 def _reply(reply_to: str, task_id: str, *, result: Any = None, error: str | None = None) -> None:
@@ -161,16 +196,29 @@ def _stop_on_init_failure(stopped: threading.Event) -> None:
             return
 
 
+def _main_registry() -> Registry:
+    # The main process connects only when a pool child died; a child makes its own connection.
+    if _state.registry is None:
+        _state.registry = Registry(_state.broker_url)
+    return _state.registry
+
+
+def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    """In the main process: a prediction whose pool child died was sent again (to any replica);
+    the dead child's in-flight marker must not leave this replica looking busy."""
+    if _state is None or not isinstance(getattr(reason, "exc", None), WorkerLostError):
+        return
+    _main_registry().end_request(_state.api, _state.replica, task_id=request.id)
+
+
 def _on_task_failure(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
     """In the main process: a task whose replica died twice gets a clear error reply."""
     if not isinstance(exception, WorkerLostError) or _state is None:
         return
-    request = sender.request
-    reply_to = getattr(request, "reply_to", None)
+    _main_registry().end_request(_state.api, _state.replica, task_id=task_id)
+    reply_to = _reply_to(sender.request)
     if not reply_to:
         return
-    if _state.registry is None:
-        _state.registry = Registry(_state.broker_url)
     _reply(
         reply_to,
         task_id,
