@@ -86,7 +86,7 @@ def unpack(data: bytes, digest: str, cache_dir: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=cache_dir))
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            tar.extractall(staging, filter="data")
+            _extract(tar, staging)
         try:
             staging.rename(target)
         except OSError:
@@ -95,6 +95,19 @@ def unpack(data: bytes, digest: str, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _extract(tar: tarfile.TarFile, folder: Path) -> None:
+    """Extract only plain files and folders inside ``folder`` (a bundle holds nothing else)."""
+    if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 (and security backports)
+        tar.extractall(folder, filter="data")
+        return
+    root = folder.resolve()
+    for member in tar.getmembers():
+        target = (folder / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+            raise ValueError(f"bundle member {member.name!r} is not a file inside the project")
+    tar.extractall(folder)  # every member was checked above
 
 
 def _too_large(project_dir: Path, sizes: dict[Path, int], total: int, limit: int) -> Problem:

@@ -89,10 +89,13 @@ class Scaler:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         log.info("scaler %s: %s", self.host, self.capacity.describe())
+        forgotten = False
         try:
-            self._forget_previous_run()
             while not self._stop.is_set():
                 try:
+                    if not forgotten:
+                        self._forget_previous_run()
+                        forgotten = True
                     self.tick()
                 except redis.RedisError as exc:
                     log.warning("the broker does not answer (%s); retrying", exc)
