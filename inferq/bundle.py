@@ -23,7 +23,7 @@ from configs import Problem
 from inferq.errors import BundleTooLarge
 
 #: Upper bound on the bundle's uncompressed size; models larger than this belong on S3.
-MAX_BUNDLE_BYTES = int(os.environ.get("INFERQ_MAX_BUNDLE_BYTES", 64 * 1024 * 1024))
+MAX_BUNDLE_BYTES = int(os.environ.get("INFERQ_MAX_BUNDLE_BYTES") or 64 * 1024 * 1024)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import copy_example, write_project
+from test_onnx import IRIS_HANDLER as ONNX_HANDLER  # Cortex v0.11's, verbatim
 
 from inferq.client import Client
 from inferq.deploy import deploy
@@ -461,30 +462,6 @@ def test_models_from_an_s3_file_and_an_s3_prefix(s3, tmp_path, registry, replica
 
     assert client.predict("classifier", SETOSA) == "file-setosa"
     assert client.predict("from-prefix", SETOSA) == "prefix-setosa"
-
-
-# Cortex v0.11's ONNX iris request handler (examples/sklearn/iris-classifier), verbatim.
-ONNX_HANDLER = """
-import numpy as np
-
-labels = ["iris-setosa", "iris-versicolor", "iris-virginica"]
-
-
-def pre_inference(sample, signature, metadata):
-    return {
-        signature[0].name: [
-            sample["sepal_length"],
-            sample["sepal_width"],
-            sample["petal_length"],
-            sample["petal_width"],
-        ]
-    }
-
-
-def post_inference(prediction, signature, metadata):
-    predicted_class_id = prediction[0][0]
-    return labels[predicted_class_id]
-"""
 
 
 def test_an_onnx_model_is_served_with_a_v011_request_handler(tmp_path, registry, replicas,
