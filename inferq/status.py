@@ -33,7 +33,27 @@ def snapshot(registry: Registry, api: str | None = None) -> list[dict[str, Any]]
         apis = [deployed]
     else:
         apis = registry.apis()
-    return [_row(registry, deployed, detail=api is not None) for deployed in apis]
+    rows = [_row(registry, deployed, detail=api is not None) for deployed in apis]
+    if api is None:
+        deployed_names = {d.name for d in apis}
+        rows += [
+            _stopping_row(registry, name)
+            for name in registry.apis_with_replicas() if name not in deployed_names
+        ]
+    return rows
+
+
+def _stopping_row(registry: Registry, name: str) -> dict[str, Any]:
+    """A deleted API whose replicas still finish what they hold."""
+    replicas = registry.replicas(name)
+    return {
+        "api": name, "deployment": None, "status": "stopping",
+        "reason": f"deleted; {len(replicas)} replica(s) finishing their requests",
+        "up_to_date": 0, "requested": 0,
+        "last_update": max((r.get("updated_at", 0) for r in replicas), default=0),
+        "avg_latency": None, "2xx": 0, "4xx": 0, "5xx": 0, "hosts": _hosts(replicas),
+        "endpoint": None, "version": None,
+    }
 
 
 def _row(registry: Registry, deployed: DeployedApi, *, detail: bool) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from conftest import write_project
 from inferq import Client, PredictionError
 from inferq.deploy import deploy
 from inferq.processes import wait_until
+from inferq.status import snapshot
 
 PREDICTOR = """
 import os, time
@@ -209,11 +210,17 @@ def test_a_redeploy_rolls_over_without_a_failed_request(registry, scalers, gatew
     assert versions[0] == "v1" and versions[-1] == "v2"
 
 
-def test_delete_stops_the_replicas_and_forgets_the_api(registry, scalers, tmp_path):
+def test_delete_drains_the_replicas_and_forgets_the_api(registry, scalers, client, tmp_path):
     deploy(project(tmp_path, "{min_replicas: 2}"), registry)
     scalers.start()
     replicas = wait_live(registry, "work", 2)
+    held = client.submit("work", {"sleep": 3})
+    wait_until(lambda: registry.in_flight("work"), 10, what="a request in flight")
     registry.delete("svc")
+    rows = wait_until(lambda: [r for r in snapshot(registry) if r["status"] == "stopping"], 10,
+                      what="the deleted API shows as stopping")
+    assert rows[0]["api"] == "work"
+    assert held.result(timeout=30)["version"] == "v1"  # the request it held was answered
     wait_until(lambda: not registry.replicas("work") and registry.status("work") is None, 30,
                what="replicas drained and the API forgotten")
     from inferq.processes import pid_alive
