@@ -17,13 +17,13 @@ Every answer to an API call is JSON. The status codes (PRODUCT.md §3):
 from __future__ import annotations
 
 import json
-import threading
+import logging
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from gateway.metrics import GatewayMetrics
 from inferq.client import Client
@@ -36,35 +36,36 @@ from inferq.errors import (
 )
 from inferq.registry import DeployedApi
 
+log = logging.getLogger("inferq.gateway")
+
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DISCONNECT_CHECK_SECONDS = 0.5
+API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 class Routes:
-    """Endpoint -> API, following deploys and deletes without a restart."""
+    """Endpoint -> API, following deploys, redeploys and deletes without a restart.
+
+    Each lookup costs one small round trip (the registry's change counter); the API list is
+    re-read only after a deploy or delete, so a moved or deleted endpoint is never served.
+    """
 
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._lock = threading.Lock()
-        self._by_endpoint: dict[str, DeployedApi] = {}
+        self._last: dict[str, str] = {}  # endpoint -> API name, for errors while the broker is down
 
     def find(self, endpoint: str) -> DeployedApi | None:
-        with self._lock:
-            found = self._by_endpoint.get(endpoint)
-        if found is None:
-            self.refresh()  # a deploy we have not seen yet; one round trip, only on a miss
-            with self._lock:
-                found = self._by_endpoint.get(endpoint)
-        return found
+        """The API at ``endpoint``, or None; raises :class:`BrokerUnavailable`."""
+        by_endpoint = {a.api.endpoint: a for a in self._client.apis()}
+        self._last = {e: a.name for e, a in by_endpoint.items()}
+        return by_endpoint.get(endpoint)
 
-    def refresh(self) -> None:
-        apis = self._client.apis()
-        with self._lock:
-            self._by_endpoint = {a.api.endpoint: a for a in apis}
+    def last_known(self, endpoint: str) -> str | None:
+        """The API that was at ``endpoint`` when the broker last answered."""
+        return self._last.get(endpoint)
 
     def endpoints(self) -> list[str]:
-        with self._lock:
-            return sorted(self._by_endpoint)
+        return sorted(self._last)
 
 
 def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
@@ -74,51 +75,70 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
     routes = Routes(client)
     metrics = GatewayMetrics(client)
 
-    @app.get("/healthz")
+    @app.route("/healthz", methods=API_METHODS)
     def healthz() -> Response:
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(["GET", "HEAD"])
         try:
             client.registry.ping()
         except BrokerUnavailable as exc:
             return _json({"status": "unavailable", "error": str(exc)}, 503, retry_after=1)
         return _json({"status": "ok"}, 200)
 
-    @app.get("/metrics")
+    @app.route("/metrics", methods=API_METHODS)
     def prometheus() -> Response:
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(["GET", "HEAD"])
         body, content_type = metrics.render()
         return Response(body, content_type=content_type)
 
-    @app.route("/", defaults={"path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-    @app.route("/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    @app.route("/", defaults={"path": ""}, methods=API_METHODS)
+    @app.route("/<path:path>", methods=API_METHODS)
     def api_call(path: str) -> Response:
         started = time.perf_counter()
         endpoint = "/" + path
         try:
             deployed = routes.find(endpoint)
         except BrokerUnavailable as exc:
-            return _json({"error": str(exc)}, 503, retry_after=1)
+            request.environ["inferq.api"] = routes.last_known(endpoint)
+            return _json(_error(str(exc)), 503, retry_after=1)
         if deployed is None:
             return _not_found(endpoint, routes)
-        response = _serve(client, deployed, routes)
+        request.environ["inferq.api"] = deployed.name  # for the error bodies
+        try:
+            response = _serve(client, deployed)
+        except HTTPException as exc:  # 413 from reading the body
+            response = http_error(exc)
         metrics.observe(deployed.name, response.status_code, time.perf_counter() - started)
         return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
         message = {
             413: f"the request body is over the {max_body} byte limit",
-            405: f"{request.method} is not allowed here; use POST (or GET for a summary)",
-        }.get(exc.code, exc.description)
-        response = _json({"error": message}, exc.code or 500)
-        if exc.code == 405:
-            response.headers["Allow"] = "GET, POST"
+            405: f"{request.method} is not allowed here",
+        }.get(code, exc.description)
+        response = _json(_error(message), code)
+        if code == 405:
+            valid = getattr(exc, "valid_methods", None) or ["GET", "HEAD", "POST"]
+            # PUT, PATCH and DELETE reach the API route only to be answered 405 there
+            allowed = [m for m in ("GET", "HEAD", "POST") if m in valid]
+            response.headers["Allow"] = ", ".join(allowed)
         return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        # Even a bug answers JSON (PRODUCT.md: every response to an API call is JSON).
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return _json(_error(f"internal gateway error: {type(exc).__name__}: {exc}"), 500)
 
     return app
 
 
-def _serve(client: Client, deployed: DeployedApi, routes: Routes) -> Response:
+def _serve(client: Client, deployed: DeployedApi) -> Response:
     name = deployed.name
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):
         url = request.url_root.rstrip("/") + deployed.api.endpoint
         return _json(
             {
@@ -129,8 +149,12 @@ def _serve(client: Client, deployed: DeployedApi, routes: Routes) -> Response:
             200,
         )
     if request.method != "POST":
-        response = _json({"error": f"{request.method} is not allowed; use POST", "api": name}, 405)
-        response.headers["Allow"] = "GET, POST"
+        response = _json(
+            {"error": f"{request.method} is not allowed; POST a JSON sample (GET: a summary)",
+             "api": name},
+            405,
+        )
+        response.headers["Allow"] = "GET, HEAD, POST"
         return response
     body = request.get_data(cache=False)  # raises 413 over MAX_CONTENT_LENGTH
     try:
@@ -140,9 +164,8 @@ def _serve(client: Client, deployed: DeployedApi, routes: Routes) -> Response:
     debug = request.args.get("debug", "").lower() in ("1", "true", "yes")
     try:
         future = client.submit(name, sample, debug=debug)
-    except UnknownAPI:
-        routes.refresh()  # deleted since our last refresh
-        return _not_found(deployed.api.endpoint, routes)
+    except UnknownAPI as exc:  # deleted since the lookup
+        return _json({"error": str(exc)}, 404)
     except QueueFull as exc:
         return _json({"error": str(exc), "api": name}, 503, retry_after=exc.retry_after)
     except BrokerUnavailable as exc:
@@ -166,6 +189,15 @@ def _await(client: Client, future: Any, name: str) -> Response:
         except PredictionError as exc:
             return _json({"error": f"prediction failed: {exc.reason}", "api": name}, 500)
         return Response(_dumps(prediction), 200, mimetype="application/json")
+
+
+def _error(message: str) -> dict[str, str]:
+    """An error body, naming the API when the request reached one."""
+    body = {"error": message}
+    api = request.environ.get("inferq.api")
+    if api:
+        body["api"] = api
+    return body
 
 
 def _not_found(endpoint: str, routes: Routes) -> Response:

@@ -21,7 +21,8 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self
 
 import redis
 from kombu.exceptions import OperationalError
@@ -169,6 +170,9 @@ class Client:
         deployed = self._admit(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         task_id = uuid.uuid4().hex
+        # The message expires before the caller stops waiting, so no replica can start it
+        # after the caller was told it timed out.
+        expires = datetime.now(UTC) + timedelta(seconds=timeout)
         future = self._replies.expect(task_id, api, index, timeout)
         try:
             self.app.send_task(
@@ -179,7 +183,7 @@ class Client:
                 task_id=task_id,
                 reply_to=Registry.reply_key(self.id),
                 ignore_result=True,
-                expires=timeout,
+                expires=expires,
                 retry=False,
             )
         except BROKER_ERRORS as exc:
@@ -217,7 +221,7 @@ class Client:
         self._replies.close()
         self.registry.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -289,12 +293,15 @@ class Client:
 
     def apis(self) -> list[DeployedApi]:
         """The deployed APIs (refreshed when anything was deployed or deleted)."""
-        changes, _ = self.registry.changes_and_queue_length(None)
-        with self._apis_lock:
-            if changes != self._changes:
-                self._apis = {a.name: a for a in self.registry.apis()}
-                self._changes = changes
-            return list(self._apis.values())
+        try:
+            changes, _ = self.registry.changes_and_queue_length(None)
+            with self._apis_lock:
+                if changes != self._changes:
+                    self._apis = {a.name: a for a in self.registry.apis()}
+                    self._changes = changes
+                return list(self._apis.values())
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"the broker is unreachable ({exc})") from None
 
 
 def _progress_bar(api: str, total: int | None) -> Any:

@@ -128,6 +128,11 @@ class Registry:
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"the broker at {_safe_url(self.url)} does not answer: {exc}")
 
+    @property
+    def safe_url(self) -> str:
+        """The broker URL without its password, for logs and messages."""
+        return _safe_url(self.url)
+
     def close(self) -> None:
         self.redis.close()
 
@@ -301,6 +306,13 @@ class Registry:
     def replicas(self, api: str) -> list[dict[str, Any]]:
         raw = self.redis.hgetall(_key("replicas", api))
         return sorted((json.loads(v) for v in raw.values()), key=lambda r: r["id"])
+
+    def apis_with_replicas(self) -> list[str]:
+        """Names of the APIs that have replica records, deployed or not (a deleted API's
+        replicas finish their requests before they go)."""
+        prefix = _key("replicas", "")
+        keys = self.redis.scan_iter(match=prefix + "*", count=1000)
+        return sorted({k.decode()[len(prefix):] for k in keys})
 
     def set_status(self, api: str, status: str, **fields: Any) -> None:
         """Record the API's status (one of Cortex's) as the scaler judged it."""

@@ -70,7 +70,7 @@ class Up:
             self._start_services(url)
             if self.project_dir is not None:
                 self._deploy(url, gateway)
-            self._say(f"inferq is up (broker {url}); press Ctrl-C to stop")
+            self._say(f"inferq is up (broker {Registry(url).safe_url}); press Ctrl-C to stop")
             self._supervise()
             return 0
         finally:

@@ -1,0 +1,500 @@
+"""The gateway over real HTTP: every answer of PRODUCT.md §3, against real replicas.
+
+The gateway runs as ``inferq gateway`` in a subprocess, replicas as ``inferq worker``
+processes, all on a private Redis; every process is stopped by PID in a fixture teardown.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import Replicas, inferq_command, write_project
+
+from inferq.deploy import deploy
+from inferq.processes import spawn, stop, wait_until
+from inferq.registry import Registry
+from inferq.stack import EmbeddedRedis, StackInfo, free_port, home
+
+# One predictor for every test; the sample says what to do. "hold" blocks the replica until
+# the test creates the file it names (the replica is then busy for as long as a test needs,
+# without guessing a duration). Every sample that reaches predict() is recorded first, so a
+# test can prove a request never ran.
+PREDICTOR = """
+import json
+import os
+import time
+
+
+def predict(sample, metadata):
+    with open(metadata["record"], "a") as handle:
+        handle.write(json.dumps(sample) + "\\n")
+    if not isinstance(sample, dict):
+        return {"echo": sample}
+    if "hold" in sample:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sample["hold"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if "sleep" in sample:
+        time.sleep(sample["sleep"])
+    if "fail" in sample:
+        raise ValueError(sample["fail"])
+    return {"echo": sample}
+"""
+
+
+def project_yaml(record: Path, *, endpoint: str | None = None, compute: str = "") -> str:
+    lines = [
+        "- kind: deployment",
+        "  name: shop",
+        "",
+        "- kind: api",
+        "  name: echo",
+    ]
+    if endpoint:
+        lines.append(f"  endpoint: {endpoint}")
+    lines += [
+        "  predictor:",
+        "    path: predictor.py",
+        "    metadata:",
+        f"      record: {record}",
+    ]
+    if compute:
+        lines += ["  compute:"] + [f"    {line}" for line in compute.strip().splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+class Gateway:
+    """``inferq gateway`` on a free loopback port; its output goes to a log file."""
+
+    def __init__(self, broker_url: str, log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        with open(log, "wb") as output:
+            self.process = spawn(
+                inferq_command("gateway", "--port", str(self.port), *args),
+                env={**os.environ, "INFERQ_BROKER_URL": broker_url},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_answering(self, timeout: float = 30) -> None:
+        def answers() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the gateway exited:\n{self.log()}")
+            try:
+                return requests.get(self.url + "/healthz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, timeout, what="the gateway answering /healthz")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def rss(self) -> int:
+        """Resident memory of the gateway process, in bytes."""
+        with open(f"/proc/{self.process.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        stop(self.process, timeout=15)
+
+
+@pytest.fixture
+def start_gateway(redis_url, tmp_path):
+    """Start gateways (on the test's Redis unless told otherwise); all stopped at teardown."""
+    started: list[Gateway] = []
+
+    def start(*args: str, broker_url: str = redis_url) -> Gateway:
+        gateway = Gateway(broker_url, tmp_path / f"gateway-{len(started)}.log", *args)
+        started.append(gateway)
+        gateway.wait_answering()
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+def deploy_echo(registry: Registry, tmp_path: Path, **yaml_options) -> Path:
+    """Deploy the echo API; return the file its predictor records samples in."""
+    record = tmp_path / "record.jsonl"
+    record.touch()
+    project = write_project(tmp_path / "project", project_yaml(record, **yaml_options),
+                            {"predictor.py": PREDICTOR})
+    deploy(project, registry)
+    return record
+
+
+def recorded(record: Path) -> list:
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def post(url: str, payload, **kwargs) -> requests.Response:
+    return requests.post(url, data=json.dumps(payload), timeout=kwargs.pop("timeout", 30),
+                         headers={"Content-Type": "application/json"}, **kwargs)
+
+
+def assert_json(response: requests.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    return response.json()
+
+
+def hold_replica(gateway_url: str, registry: Registry, release: Path, pool: ThreadPoolExecutor,
+                 *, ident: str = "held"):
+    """Make the API's one replica busy until ``release`` exists; return the request's future."""
+    held = pool.submit(post, gateway_url, {"id": ident, "hold": str(release)}, timeout=60)
+    wait_until(lambda: registry.in_flight("echo"), 30, what="the replica predicting")
+    return held
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    text = requests.get(gateway.url + "/metrics", timeout=10).text
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# -- every answer of an endpoint ---------------------------------------------------------------
+
+
+def test_every_answer_of_an_api_endpoint(registry, replicas, start_gateway, tmp_path):
+    record = deploy_echo(registry, tmp_path, endpoint="/custom/predict-it")
+    replica = replicas.start("echo")
+    gateway = start_gateway("--max-body", "4096")
+    url = gateway.url + "/custom/predict-it"
+
+    assert assert_json(post(url, {"x": 1}), 200) == {"echo": {"x": 1}}
+
+    summary = assert_json(requests.get(url, timeout=10), 200)
+    assert summary["api"] == "echo"
+    assert "POST" in summary["summary"] and url in summary["summary"]
+    assert "\n" not in summary["summary"]
+
+    bad = assert_json(requests.post(url, data=b"{not json", timeout=10), 400)
+    assert bad["api"] == "echo" and "not JSON" in bad["error"]
+
+    missing = assert_json(post(gateway.url + "/shop/echo", {"x": 1}), 404)
+    assert "/custom/predict-it" in missing["error"]  # says what is deployed
+
+    for method in ("PUT", "DELETE", "PATCH"):
+        wrong = requests.request(method, url, data=b"{}", timeout=10)
+        assert assert_json(wrong, 405)["api"] == "echo"
+        assert set(wrong.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+    healthz_post = requests.post(gateway.url + "/healthz", timeout=10)
+    assert assert_json(healthz_post, 405) and "POST" not in healthz_post.headers["Allow"]
+
+    too_big = requests.post(url, data=json.dumps({"x": "a" * 5000}), timeout=10)
+    assert assert_json(too_big, 413) == {
+        "error": "the request body is over the 4096 byte limit", "api": "echo",
+    }
+    assert assert_json(post(url, {"x": "a" * 3000}), 200)["echo"]["x"] == "a" * 3000
+
+    failed = assert_json(post(url, {"fail": "the model is on fire"}), 500)
+    assert failed == {"error": "prediction failed: the model is on fire", "api": "echo"}
+    assert assert_json(post(url, {"after": "failure"}), 200) == {"echo": {"after": "failure"}}
+    assert replica.poll() is None  # the replica lives on
+
+    assert recorded(record) == [{"x": 1}, {"x": "a" * 3000}, {"fail": "the model is on fire"},
+                                {"after": "failure"}]
+
+
+def test_debug_logs_the_sample_and_the_prediction_on_the_replica(registry, replicas,
+                                                                    start_gateway, tmp_path):
+    deploy_echo(registry, tmp_path)
+    replica = replicas.start("echo")
+    gateway = start_gateway()
+    url = gateway.url + "/shop/echo"
+
+    assert_json(post(url, {"quiet": "sample-without-debug"}), 200)
+    assert assert_json(post(url + "?debug=true", {"loud": "sample-with-debug"}), 200) == {
+        "echo": {"loud": "sample-with-debug"}
+    }
+
+    def logged() -> bool:
+        log = replicas.log(replica)
+        return ('debug: sample: {"loud": "sample-with-debug"}' in log
+                and 'debug: prediction: {"echo": {"loud": "sample-with-debug"}}' in log)
+
+    wait_until(logged, 10, what="the debug lines in the replica's log")
+    assert "sample-without-debug" not in replicas.log(replica)
+
+
+def test_healthz_and_metrics(registry, replicas, start_gateway, tmp_path):
+    deploy_echo(registry, tmp_path)
+    replicas.start("echo")
+    gateway = start_gateway()
+    assert assert_json(requests.get(gateway.url + "/healthz", timeout=10), 200)["status"] == "ok"
+    assert_json(post(gateway.url + "/shop/echo", {"x": 1}), 200)
+    assert_json(post(gateway.url + "/shop/echo", {"fail": "no"}), 500)
+
+    scraped = requests.get(gateway.url + "/metrics", timeout=10)
+    assert scraped.status_code == 200
+    assert scraped.headers["Content-Type"].startswith("text/plain")
+    assert metric(gateway, "inferq_requests_total", api="echo", code="2xx") == 1
+    assert metric(gateway, "inferq_requests_total", api="echo", code="5xx") == 1
+    assert metric(gateway, "inferq_request_duration_seconds_count", api="echo") == 2
+    assert 'inferq_request_duration_seconds_bucket{api="echo",le="0.1"}' in scraped.text
+    assert 'inferq_queue_depth{api="echo"} 0.0' in scraped.text
+    assert 'inferq_replicas{api="echo",status="live"} 1.0' in scraped.text
+
+
+# -- routes follow the registry ----------------------------------------------------------------
+
+
+def test_routes_follow_deploys_redeploys_and_deletes_without_a_restart(registry, replicas,
+                                                                      start_gateway, tmp_path):
+    gateway = start_gateway()
+    assert_json(post(gateway.url + "/shop/echo", {"x": 1}), 404)
+
+    deploy_echo(registry, tmp_path)
+    replicas.start("echo")
+    assert assert_json(post(gateway.url + "/shop/echo", {"x": 1}), 200) == {"echo": {"x": 1}}
+
+    deploy_echo(registry, tmp_path, endpoint="/moved")  # the same API at a new endpoint
+    assert_json(post(gateway.url + "/shop/echo", {"x": 2}), 404)
+    assert assert_json(post(gateway.url + "/moved", {"x": 3}), 200) == {"echo": {"x": 3}}
+
+    registry.delete("shop")
+    assert_json(post(gateway.url + "/moved", {"x": 4}), 404)
+    assert_json(requests.get(gateway.url + "/moved", timeout=10), 404)
+
+
+# -- 503, 504, withdrawn requests --------------------------------------------------------------
+
+
+def test_a_full_queue_answers_503_with_retry_after(registry, replicas, start_gateway, tmp_path):
+    deploy_echo(registry, tmp_path, compute="max_queue_length: 1")
+    replicas.start("echo")
+    gateway = start_gateway()
+    url = gateway.url + "/shop/echo"
+    release = tmp_path / "release"
+    with ThreadPoolExecutor(4) as pool:
+        held = hold_replica(url, registry, release, pool)
+        queued = pool.submit(post, url, {"id": "queued"})
+        wait_until(lambda: registry.queue_length("inferq.echo") == 1, 30,
+                   what="one request queued")
+        full = post(url, {"id": "refused"})
+        body = assert_json(full, 503)
+        assert int(full.headers["Retry-After"]) >= 1
+        assert body["api"] == "echo" and "max_queue_length" in body["error"]
+        release.touch()
+        assert assert_json(held.result(), 200)["echo"]["id"] == "held"
+        assert assert_json(queued.result(), 200)["echo"]["id"] == "queued"
+
+
+def test_a_timed_out_request_is_504_and_never_runs_later(registry, replicas, start_gateway,
+                                                         tmp_path):
+    record = deploy_echo(registry, tmp_path, compute="timeout: 1s")
+    replicas.start("echo")
+    gateway = start_gateway()
+    url = gateway.url + "/shop/echo"
+    release = tmp_path / "release"
+    with ThreadPoolExecutor(2) as pool:
+        held = hold_replica(url, registry, release, pool)
+
+        started = time.monotonic()
+        late = post(url, {"id": "timed-out"})
+        waited = time.monotonic() - started
+        body = assert_json(late, 504)
+        assert body["api"] == "echo"
+        assert body["error"].startswith("timeout: ") and "within 1s" in body["error"]
+        assert 0.9 <= waited < 5
+
+        assert_json(held.result(), 504)  # it ran past the timeout too (it was already running)
+    release.touch()
+    # The queue is first in, first out: once a later request is answered, the replica has
+    # taken (and dropped) the timed-out one before it.
+    assert assert_json(post(url, {"id": "after"}), 200) == {"echo": {"id": "after"}}
+    assert [s["id"] for s in recorded(record)] == ["held", "after"]
+    assert registry.queue_length("inferq.echo") == 0
+
+
+def test_a_request_whose_client_went_away_is_withdrawn(registry, replicas, start_gateway,
+                                                       tmp_path):
+    record = deploy_echo(registry, tmp_path)
+    replicas.start("echo")
+    gateway = start_gateway()
+    url = gateway.url + "/shop/echo"
+    release = tmp_path / "release"
+    with ThreadPoolExecutor(2) as pool:
+        held = hold_replica(url, registry, release, pool)
+
+        body = json.dumps({"id": "abandoned"}).encode()
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /shop/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            wait_until(lambda: registry.queue_length("inferq.echo") == 1, 30,
+                       what="the abandoned request queued")
+        # The gateway notices the closed connection and withdraws the request (answering it
+        # 499, which nobody reads, counted as a 4xx).
+        wait_until(lambda: metric(gateway, "inferq_requests_total", api="echo", code="4xx"),
+                   10, what="the gateway withdrawing the abandoned request")
+        release.touch()
+        assert assert_json(held.result(), 200)["echo"]["id"] == "held"
+    assert assert_json(post(url, {"id": "after"}), 200) == {"echo": {"id": "after"}}
+    assert [s["id"] for s in recorded(record)] == ["held", "after"]
+
+
+def test_the_broker_going_away_and_coming_back(replicas, start_gateway, tmp_path):
+    # A Redis of this test's own, persisted, so a restart on the same port keeps the API.
+    broker = EmbeddedRedis(tmp_path / "broker", persist=True)
+    broker.start()
+    registry = Registry(broker.url, socket_timeout=5)
+    pool = Replicas(broker.url, registry, tmp_path / "broker-replica-logs")
+    try:
+        record = deploy_echo(registry, tmp_path)
+        pool.start("echo")
+        gateway = start_gateway(broker_url=broker.url)
+        url = gateway.url + "/shop/echo"
+        assert assert_json(post(url, {"id": "before"}), 200) == {"echo": {"id": "before"}}
+
+        broker.stop()
+        health = requests.get(gateway.url + "/healthz", timeout=10)
+        assert assert_json(health, 503)["status"] == "unavailable"
+        assert health.headers["Retry-After"] == "1"
+        down = post(url, {"id": "while-down"})
+        assert assert_json(down, 503)["api"] == "echo"
+        assert down.headers["Retry-After"] == "1"
+        assert_json(requests.get(gateway.url + "/elsewhere", timeout=10), 503)
+
+        broker = EmbeddedRedis(tmp_path / "broker", port=broker.port, persist=True)
+        broker.start()
+        wait_until(lambda: requests.get(gateway.url + "/healthz", timeout=10).status_code == 200,
+                   20, what="/healthz answering 200 again")
+
+        def answered():
+            response = post(url, {"id": "after"})
+            assert response.status_code in (200, 503), response.text
+            return response.status_code == 200 and response
+
+        after = wait_until(answered, 60, interval=0.2, what="a prediction after the restart")
+        assert assert_json(after, 200) == {"echo": {"id": "after"}}
+        assert "while-down" not in [s["id"] for s in recorded(record)]
+        assert gateway.process.poll() is None
+    finally:
+        pool.stop_all()
+        registry.close()
+        broker.stop()
+
+
+# -- load --------------------------------------------------------------------------------------
+
+
+def test_512_concurrent_clients_all_get_their_answer(registry, replicas, start_gateway, tmp_path):
+    deploy_echo(registry, tmp_path)
+    for _ in range(2):
+        replicas.start("echo", wait_live=False)
+    for process in replicas.processes:
+        replicas.wait_live("echo", process)
+    gateway = start_gateway()
+    clients = 512
+
+    def call(index: int) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=110)
+        try:
+            connection.request("POST", "/shop/echo", body=json.dumps({"i": index, "sleep": 0.1}),
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    peak_rss = [gateway.rss()]
+    done = threading.Event()
+
+    def sample_rss() -> None:
+        while not done.wait(0.2):
+            peak_rss.append(gateway.rss())
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    cpu_before = _cpu_seconds(gateway.process.pid)
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            answers = list(pool.map(call, range(clients)))
+    finally:
+        done.set()
+        sampler.join()
+    elapsed = time.monotonic() - started
+    cpu = _cpu_seconds(gateway.process.pid) - cpu_before
+
+    failures = sorted({(status, body.get("error", "")) for status, body in answers
+                       if status != 200})
+    assert not failures, failures
+    assert [body for _, body in answers] == [{"echo": {"i": i, "sleep": 0.1}}
+                                             for i in range(clients)]
+    assert elapsed < 90  # 512 x 0.1 s on 2 replicas is ~26 s of predicting
+    assert max(peak_rss) < 300 * 1024 * 1024, f"gateway RSS peaked at {max(peak_rss)} bytes"
+    # No per-request busy polling: the gateway mostly sleeps while requests wait.
+    assert cpu < 0.5 * elapsed, f"the gateway used {cpu:.1f}s of CPU in {elapsed:.1f}s"
+    log = gateway.log()
+    assert "Traceback" not in log and " ERROR " not in log, log
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+
+def test_inferq_predict_prints_the_prediction_or_the_error(registry, replicas, start_gateway,
+                                                           tmp_path):
+    deploy_echo(registry, tmp_path)
+    replica = replicas.start("echo")
+    gateway = start_gateway()
+    env = {**os.environ, "INFERQ_GATEWAY_URL": gateway.url}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"flower": "iris-cli-sample"}))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"fail": "cli failure"}))
+
+    def predict(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(inferq_command("predict", *args), env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    ok = predict("echo", str(good), "--debug")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == {"echo": {"flower": "iris-cli-sample"}}
+    wait_until(lambda: 'debug: sample: {"flower": "iris-cli-sample"}' in replicas.log(replica),
+               10, what="the CLI's debug request logged")
+
+    failed = predict("echo", str(bad))
+    assert failed.returncode != 0
+    assert "500" in failed.stderr
+    assert re.search(r'"error": ?"prediction failed: cli failure"', failed.stderr), failed.stderr
+
+    unknown = predict("nope", str(good))
+    assert unknown.returncode != 0 and 'no API named "nope"' in unknown.stderr
+
+    # Without INFERQ_GATEWAY_URL, the running stack's stack.json names the gateway.
+    del env["INFERQ_GATEWAY_URL"]
+    home().mkdir(parents=True, exist_ok=True)
+    StackInfo(pid=os.getpid(), broker_url=registry.url, gateway_url=gateway.url).write()
+    from_stack = predict("echo", str(good))
+    assert from_stack.returncode == 0, from_stack.stderr
+    assert json.loads(from_stack.stdout) == {"echo": {"flower": "iris-cli-sample"}}
