@@ -47,7 +47,8 @@ def spawn(
         stderr=stderr,
         stdin=subprocess.DEVNULL,
         cwd=cwd,
-        preexec_fn=_own_group_and_die_with_parent,
+        # Only prctl and setpgid run there (async-signal-safe enough); no lock is taken.
+        preexec_fn=_own_group_and_die_with_parent,  # noqa: PLW1509
     )
 
 

@@ -103,7 +103,7 @@ class StackLock:
 
     def acquire(self) -> None:
         home().mkdir(parents=True, exist_ok=True)
-        handle = open(home() / "up.lock", "a+")
+        handle = open(home() / "up.lock", "a+")  # noqa: SIM115 (held open: it is the lock)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

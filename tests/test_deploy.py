@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import EXAMPLES, copy_example, inferq_command, write_project
+
 from inferq.bundle import pack, unpack
 from inferq.deploy import deploy
 from inferq.errors import BundleTooLarge, ConfigError, DeployError
@@ -157,8 +157,7 @@ def test_dry_run_prints_every_default_without_a_stack(tmp_path, monkeypatch):
     monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "nothing-runs-here"))
     done = subprocess.run(
         inferq_command("deploy", "--dry-run", str(EXAMPLES / "iris")),
-        capture_output=True, text=True, timeout=60,
-    )
+        capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     resources = yaml.safe_load(done.stdout)
     api = next(r for r in resources if r["kind"] == "api")
@@ -185,7 +184,7 @@ def test_dry_run_lists_every_problem_and_exits_non_zero(tmp_path):
         max_replicas: 2
     """)
     done = subprocess.run(inferq_command("deploy", "--dry-run", str(project)),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line.startswith(str(project))]
     assert len(lines) >= 3, done.stderr
@@ -197,13 +196,13 @@ def test_dry_run_lists_every_problem_and_exits_non_zero(tmp_path):
 def test_cli_deploy_then_redeploy_reports_versions(redis_url, tmp_path):
     project = copy_example("iris", tmp_path)
     first = subprocess.run(inferq_command("deploy", str(project)),
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
     assert first.returncode == 0, first.stderr
     assert 'api "classifier": created' in first.stdout
     again = subprocess.run(inferq_command("deploy", str(project)),
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
     assert 'is up to date' in again.stdout
-    listed = subprocess.run(inferq_command("get"), capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(inferq_command("get"), capture_output=True, text=True, timeout=60, check=False)
     assert "classifier" in listed.stdout
 
 
@@ -212,6 +211,6 @@ def test_commands_without_a_stack_say_how_to_start_one(tmp_path, monkeypatch):
     monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "empty"))
     for command in (["get"], ["deploy", str(EXAMPLES / "iris")], ["delete", "iris"]):
         done = subprocess.run(inferq_command(*command), capture_output=True, text=True,
-                              timeout=60)
+                              timeout=60, check=False)
         assert done.returncode == 1
         assert "inferq up" in done.stderr and "INFERQ_BROKER_URL" in done.stderr

@@ -7,9 +7,9 @@ import os
 import subprocess
 
 import requests
+from conftest import inferq_command, write_project
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import inferq_command, write_project
 from inferq import Client
 from inferq.deploy import deploy
 from inferq.processes import wait_until

@@ -54,9 +54,9 @@ def init(model_path, metadata):
 
 
 def _vector(sample) -> np.ndarray:
-    """The sample's feature values in model order; ValueError naming what is wrong."""
+    """The sample's feature values in model order; an error naming what is wrong."""
     if not isinstance(sample, dict):
-        raise ValueError(
+        raise TypeError(
             f"expected a JSON object with the keys {', '.join(features)}, "
             f"got {type(sample).__name__}"
         )
@@ -71,7 +71,7 @@ def _vector(sample) -> np.ndarray:
         value = sample[name]
         # bool is an int subclass, but true/false is not a length.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"feature {name} must be a number, got {value!r}")
+            raise TypeError(f"feature {name} must be a number, got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"feature {name} must be a finite number, got {value!r}")
         values.append(float(value))

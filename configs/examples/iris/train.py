@@ -46,7 +46,7 @@ def train() -> tuple[LogisticRegression, dict]:
         "classes": [str(name) for name in iris.target_names],
         "coef": [[r(v) for v in row] for row in model.coef_],
         "intercept": [r(v) for v in model.intercept_],
-        "training_samples": int(len(y)),
+        "training_samples": len(y),
         "training_accuracy": r(model.score(x, y)),
     }
     return model, export
