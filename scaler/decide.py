@@ -29,6 +29,7 @@ class Load:
     in_flight: int = 0  # requests its replicas are predicting now
     live: int = 0  # live replicas
     cpu: float | None = None  # mean CPU use of a live replica, millicores (None: unknown)
+    gpu: float | None = None  # mean utilisation of a live replica's GPUs, percent (NVML)
 
 
 def recommend(compute: Compute, load: Load) -> int:
@@ -50,7 +51,12 @@ def recommend(compute: Compute, load: Load) -> int:
         # A replica serves one request at a time, so hot replicas earn one spare for the next
         # request, not as many as their CPU use suggests.
         by_cpu = min(by_cpu, by_queue + 1)
-    wanted = max(by_queue, by_cpu, compute.min_replicas)
+    # GPU work hardly shows on the CPU (cortex #443): NVML's utilisation is its signal.
+    by_gpu = 0
+    if load.gpu is not None and load.live and by_queue:
+        by_gpu = math.ceil(load.live * load.gpu / compute.target_cpu_utilization - 1e-9)
+        by_gpu = min(by_gpu, by_queue + 1)
+    wanted = max(by_queue, by_cpu, by_gpu, compute.min_replicas)
     return min(wanted, compute.max_replicas)
 
 

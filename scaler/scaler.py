@@ -27,7 +27,7 @@ import redis
 from configs import format_mem
 from inferq.registry import DeployedApi, Registry
 from scaler.decide import Autoscaler, Load, place
-from scaler.host import Capacity, ProcessTreeSampler
+from scaler.host import Capacity, Nvml, ProcessTreeSampler
 from scaler.replicas import LogPump, ReplicaProcess, start_replica
 from scaler.status import judge
 from workers.app import queue_name
@@ -74,6 +74,7 @@ class Scaler:
         self.registry = Registry(broker_url)
         self.autoscaler = Autoscaler()
         self.sampler = ProcessTreeSampler()
+        self.nvml = Nvml()  # without a driver it reports nothing and costs nothing
         self.logs = LogPump(self.registry, echo=echo_logs)
         self.replicas: list[ReplicaProcess] = []
         self.backoff: dict[str, _Backoff] = {}
@@ -141,6 +142,7 @@ class Scaler:
             self.logs.close()
         except redis.RedisError:
             pass
+        self.nvml.close()
         self.replicas.clear()
 
     # -- the leader's decisions ---------------------------------------------------------------
@@ -193,6 +195,7 @@ class Scaler:
         live = [r["id"] for r in records if r["status"] == "live"]
         usage = self.registry.usage(api)
         cpus = [usage[r]["cpu"] for r in live if r in usage and usage[r].get("cpu") is not None]
+        gpus = [usage[r]["gpu"] for r in live if r in usage and usage[r].get("gpu") is not None]
         ids = {r["id"] for r in records}
         in_flight = sum(1 for r in self.registry.in_flight(api) if r in ids)
         return Load(
@@ -200,6 +203,7 @@ class Scaler:
             in_flight=in_flight,
             live=len(live),
             cpu=sum(cpus) / len(cpus) if cpus else None,
+            gpu=sum(gpus) / len(gpus) if gpus else None,
         )
 
     def _forget_host(self, host: str, deployed: dict[str, DeployedApi],
@@ -361,6 +365,7 @@ class Scaler:
                 continue
             usage.setdefault(replica.api, {})[replica.id] = {
                 "cpu": sample.cpu_millicores, "rss": sample.rss,
+                "gpu": self.nvml.utilization(replica.gpus) if replica.gpus else None,
             }
             api = deployed.get(replica.api)
             mem = api.api.compute.mem if api is not None else None

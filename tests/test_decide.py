@@ -152,3 +152,9 @@ def test_idle_cpu_does_not_keep_a_replica_that_min_replicas_zero_lets_go():
     c = compute(min_replicas=0, max_replicas=2, cpu=200)
     assert recommend(c, Load(live=1, cpu=20)) == 0
     assert recommend(c, Load(in_flight=1, live=1, cpu=190)) == 2
+
+
+def test_busy_gpus_want_a_spare_replica_even_when_the_cpu_idles():
+    c = compute(min_replicas=1, max_replicas=4, gpu=1, target_cpu_utilization=60)
+    assert recommend(c, Load(in_flight=1, live=1, cpu=20, gpu=95)) == 2
+    assert recommend(c, Load(in_flight=1, live=2, cpu=20, gpu=30)) == 1
