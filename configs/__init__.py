@@ -5,7 +5,7 @@ This package depends on nothing else of inferq but :mod:`inferq.errors` (a leaf 
 
 from configs.loader import Problem, load_project
 from configs.quantities import format_cpu, format_mem, parse_cpu, parse_duration, parse_mem
-from configs.render import to_yaml
+from configs.render import api_yaml, to_yaml
 from configs.spec import Api, Compute, Deployment, Onnx, Predictor, Tracker
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Predictor",
     "Problem",
     "Tracker",
+    "api_yaml",
     "format_cpu",
     "format_mem",
     "load_project",

@@ -21,6 +21,12 @@ def to_yaml(deployment: Deployment) -> str:
                           allow_unicode=True)
 
 
+def api_yaml(api: Api) -> str:
+    """One API as its resolved cortex.yaml resource (what ``inferq get API_NAME`` shows)."""
+    return yaml.safe_dump(_api(api), sort_keys=False, default_flow_style=False,
+                          allow_unicode=True)
+
+
 def _api(api: Api) -> dict[str, Any]:
     # Key order follows the v0.11 docs, not the alphabet: kind, name, endpoint, then sections.
     data: dict[str, Any] = {"kind": "api", "name": api.name, "endpoint": api.endpoint}

@@ -119,7 +119,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 
 
 def render_api(row: dict[str, Any], gateway: str) -> str:
-    import yaml
+    from configs import Api, api_yaml
 
     lines = [render_table([row]), "", f"endpoint: {gateway}{row['endpoint']}"]
     if row["reason"]:
@@ -131,7 +131,7 @@ def render_api(row: dict[str, Any], gateway: str) -> str:
         lines.append(f"replica {replica['id']}: {replica['status']}{gpus}")
         if replica.get("error"):
             lines.extend("  " + line for line in replica["error"].splitlines()[-8:])
-    lines += ["", "configuration:", yaml.safe_dump(row["config"], sort_keys=False).rstrip()]
+    lines += ["", "configuration:", api_yaml(Api.from_dict(row["config"])).rstrip()]
     return "\n".join(lines)
 
 
