@@ -82,7 +82,8 @@ def _row(registry: Registry, deployed: DeployedApi, *, detail: bool) -> dict[str
     }
     if detail:
         row["tracker"] = registry.tracker_stats(name) if deployed.api.tracker else None
-        row["replicas"] = replicas
+        usage = registry.usage(name)
+        row["replicas"] = [{**r, "usage": usage.get(r["id"])} for r in replicas]
         row["config"] = deployed.api.to_dict()
     return row
 
@@ -128,11 +129,22 @@ def render_api(row: dict[str, Any], gateway: str) -> str:
     lines.extend(_tracker_lines(row["tracker"], row["config"].get("tracker")))
     for replica in row["replicas"]:
         gpus = f", gpu {','.join(map(str, replica['gpus']))}" if replica.get("gpus") else ""
-        lines.append(f"replica {replica['id']}: {replica['status']}{gpus}")
+        lines.append(f"replica {replica['id']}: {replica['status']}{gpus}{_usage(replica)}")
         if replica.get("error"):
             lines.extend("  " + line for line in replica["error"].splitlines()[-8:])
     lines += ["", "configuration:", api_yaml(Api.from_dict(row["config"])).rstrip()]
     return "\n".join(lines)
+
+
+def _usage(replica: dict[str, Any]) -> str:
+    """Memory (each replica holds its own copy of the model) and CPU, as last sampled."""
+    usage = replica.get("usage") or {}
+    parts = []
+    if usage.get("rss"):
+        parts.append(f"rss {usage['rss'] / 2**20:.0f}Mi")
+    if usage.get("cpu") is not None:
+        parts.append(f"cpu {usage['cpu']:.0f}m")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _tracker_lines(stats: dict[str, Any] | None, tracker: dict[str, Any] | None) -> list[str]:

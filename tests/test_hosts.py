@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import time
 
-from conftest import write_project
+from conftest import inferq_command, write_project
 
 from inferq import Client, InferqError
 from inferq.deploy import deploy
@@ -73,6 +75,18 @@ def test_two_hosts_share_the_work_and_a_vanished_host_is_replaced(
     time.sleep(1.5)  # several scaler rounds: still exactly 3, no host started an extra one
     assert sum(live_by_host(registry, "cpu-api").values()) == 3
     assert len(registry.replicas("cpu-api")) == 3
+
+    listed = subprocess.run(inferq_command("get", "--hosts"), capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+    assert "host-a" in listed and "host-b" in listed and "(leader)" in listed
+    hosts = {h["host"]: h for h in json.loads(subprocess.run(
+        inferq_command("get", "--hosts", "--output", "json"), capture_output=True, text=True,
+        timeout=60, check=True).stdout)}
+    assert hosts["host-b"]["capacity"]["gpus"] == [0, 1] and hosts["host-a"]["capacity"]["gpus"] == []
+    assert hosts["host-b"]["replicas"] == {"cpu-api": 3, "gpu-api": 2}
+    table = subprocess.run(inferq_command("get"), capture_output=True, text=True, timeout=60,
+                           check=True).stdout
+    assert "host-b (3)" in table and "host-b (2)" in table  # which hosts run each API
 
     with Client(redis_url) as client:
         seen_gpus = {client.predict("gpu-api", {}, timeout=30)["gpus"] for _ in range(12)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import requests
@@ -88,6 +89,7 @@ def test_get_counts_requests_by_class_and_shows_the_class_distribution(
     text = detail.stdout
     assert f"endpoint: {gateway.url}/classify/classify" in text
     assert "tracker (classification):" in text
+    assert re.search(r"replica host-a-\d+: live \(rss \d+Mi, cpu \d+m\)", text), text
     lines = {line.split()[0]: line.split() for line in text.splitlines()[1:] if line.strip()}
     assert lines["cat"][1:] == ["3", "75.0%"] or lines["cat"][1] == "3"
     assert lines["dog"][1] == "1" and lines["bird"][1] == "1"
