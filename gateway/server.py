@@ -21,11 +21,9 @@ log = logging.getLogger("inferq.gateway")
 def serve(broker_url: str, *, host: str = "127.0.0.1", port: int = 8888, threads: int = 256,
           max_body: int = DEFAULT_MAX_BODY) -> None:
     """Serve the gateway until interrupted."""
-    client = Client(broker_url)
-    # Every waitress thread may hold a registry connection at once; redis-py's pool refuses
-    # connections past its limit (100 by default) with "Too many connections" -> 503s.
-    pool = client.registry.redis.connection_pool
-    pool.max_connections = max(pool.max_connections, threads + 16)
+    # Every waitress thread may hold a registry connection at once, plus the reply listener
+    # and the metrics flusher.
+    client = Client(broker_url, max_connections=threads + 16)
     app = create_app(client, max_body=max_body)
     server = create_server(
         app,

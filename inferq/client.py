@@ -139,11 +139,14 @@ class Client:
     ----------
     broker_url:
         The broker (Redis) URL; default ``INFERQ_BROKER_URL`` or the running embedded stack.
+    max_connections:
+        Redis connections this client opens at most (one per thread talking to Redis).
     """
 
-    def __init__(self, broker_url: str | None = None) -> None:
+    def __init__(self, broker_url: str | None = None, *, max_connections: int = 256) -> None:
         self.broker_url = broker_url or stack.broker_url()
-        self.registry = Registry(self.broker_url)
+        # Threads beyond max_connections that talk to Redis at once wait for a connection.
+        self.registry = Registry(self.broker_url, max_connections=max_connections)
         self.app = make_app(self.broker_url)
         self.id = uuid.uuid4().hex
         self._apis: dict[str, DeployedApi] = {}

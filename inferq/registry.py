@@ -113,11 +113,16 @@ class Registry:
         A Redis URL (``redis://host:port/db``), usually the broker's.
     """
 
-    def __init__(self, url: str, *, socket_timeout: float | None = 10.0) -> None:
+    def __init__(self, url: str, *, socket_timeout: float | None = 10.0,
+                 max_connections: int = 256) -> None:
         self.url = url
-        self.redis = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=5, health_check_interval=30
+        # A blocking pool: a thread past ``max_connections`` waits for a free connection
+        # instead of failing with redis-py's "Too many connections".
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=socket_timeout or 30,
+            socket_timeout=socket_timeout, socket_connect_timeout=5, health_check_interval=30,
         )
+        self.redis = redis.Redis(connection_pool=pool)
 
     # -- connection ---------------------------------------------------------------------------
 

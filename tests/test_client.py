@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import write_project
@@ -62,3 +63,10 @@ def test_an_unknown_api_fails_before_anything_is_queued(doubler, registry):
     with pytest.raises(UnknownAPI):
         doubler.submit("tripler", {"n": 1})
     assert registry.queue_length("inferq.tripler") == 0
+
+
+def test_one_client_serves_many_threads_at_once(doubler):
+    with ThreadPoolExecutor(max_workers=300) as pool:
+        answers = list(pool.map(lambda n: doubler.predict("doubler", {"n": n}, timeout=60),
+                                range(600)))
+    assert answers == [2 * n for n in range(600)]
