@@ -20,7 +20,7 @@ from inferq.processes import spawn, wait_until
 from inferq.registry import Registry
 from inferq.stack import EmbeddedRedis
 
-pytest_plugins = ["s3server", "scalers"]
+pytest_plugins = ["s3server", "services"]
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "configs" / "examples"

@@ -17,14 +17,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 import requests
 from conftest import Replicas, inferq_command, write_project
+from services import Gateway
 
 from inferq.deploy import deploy
-from inferq.processes import spawn, stop, wait_until
+from inferq.processes import wait_until
 from inferq.registry import Registry
-from inferq.stack import EmbeddedRedis, StackInfo, free_port, home
+from inferq.stack import EmbeddedRedis, StackInfo, home
 
 # One predictor for every test; the sample says what to do. "hold" blocks the replica until
 # the test creates the file it names (the replica is then busy for as long as a test needs,
@@ -72,63 +72,6 @@ def project_yaml(record: Path, *, endpoint: str | None = None, compute: str = ""
     if compute:
         lines += ["  compute:"] + [f"    {line}" for line in compute.strip().splitlines()]
     return "\n".join(lines) + "\n"
-
-
-class Gateway:
-    """``inferq gateway`` on a free loopback port; its output goes to a log file."""
-
-    def __init__(self, broker_url: str, log: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        with open(log, "wb") as output:
-            self.process = spawn(
-                inferq_command("gateway", "--port", str(self.port), *args),
-                env={**os.environ, "INFERQ_BROKER_URL": broker_url},
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_answering(self, timeout: float = 30) -> None:
-        def answers() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the gateway exited:\n{self.log()}")
-            try:
-                return requests.get(self.url + "/healthz", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(answers, timeout, what="the gateway answering /healthz")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def rss(self) -> int:
-        """Resident memory of the gateway process, in bytes."""
-        with open(f"/proc/{self.process.pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-    def stop(self) -> None:
-        stop(self.process, timeout=15)
-
-
-@pytest.fixture
-def start_gateway(redis_url, tmp_path):
-    """Start gateways (on the test's Redis unless told otherwise); all stopped at teardown."""
-    started: list[Gateway] = []
-
-    def start(*args: str, broker_url: str = redis_url) -> Gateway:
-        gateway = Gateway(broker_url, tmp_path / f"gateway-{len(started)}.log", *args)
-        started.append(gateway)
-        gateway.wait_answering()
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
 
 
 def deploy_echo(registry: Registry, tmp_path: Path, **yaml_options) -> Path:

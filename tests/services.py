@@ -1,4 +1,4 @@
-"""Fixtures for scaler tests: real ``inferq scaler`` and ``inferq gateway`` processes.
+"""Fixtures that run inferq's services for real: ``inferq scaler`` and ``inferq gateway``.
 
 Hosts are declared (``--cpu``, ``--mem``, ``--gpus``) so GPU placement is tested without
 GPUs. Every process is stopped at teardown, also when the test fails; a scaler's replicas
@@ -85,34 +85,66 @@ def scalers(redis_url, registry, tmp_path):
 
 
 class Gateway:
-    def __init__(self, process: subprocess.Popen, url: str) -> None:
-        self.process = process
-        self.url = url
+    """``inferq gateway`` on a free loopback port; its output goes to a log file."""
+
+    def __init__(self, broker_url: str, log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        with open(log, "wb") as output:
+            self.process = spawn(
+                [sys.executable, "-m", "inferq", "gateway", "--port", str(self.port), *args],
+                env={**os.environ, "INFERQ_BROKER_URL": broker_url},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_answering(self, timeout: float = 30) -> None:
+        def answers() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the gateway exited:\n{self.log()}")
+            try:
+                return requests.get(self.url + "/healthz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, timeout, what="the gateway answering /healthz")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def rss(self) -> int:
+        """Resident memory of the gateway process, in bytes."""
+        with open(f"/proc/{self.process.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
 
     def post(self, endpoint: str, sample, timeout: float = 30) -> requests.Response:
         return requests.post(self.url + endpoint, json=sample, timeout=timeout)
 
+    def stop(self) -> None:
+        stop(self.process, timeout=15)
+
 
 @pytest.fixture
-def gateway(redis_url, tmp_path):
-    """A real gateway process on a free port."""
-    port = free_port()
-    with open(tmp_path / "gateway.log", "wb") as log:
-        process = spawn([sys.executable, "-m", "inferq", "gateway", "--port", str(port)],
-                        env={**os.environ, "INFERQ_BROKER_URL": redis_url},
-                        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def start_gateway(redis_url, tmp_path):
+    """Start gateways (on the test's Redis unless told otherwise); all stopped at teardown."""
+    started: list[Gateway] = []
 
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise AssertionError((tmp_path / "gateway.log").read_text())
-        try:
-            return requests.get(url + "/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
+    def start(*args: str, broker_url: str = redis_url) -> Gateway:
+        gateway = Gateway(broker_url, tmp_path / f"gateway-{len(started)}.log", *args)
+        started.append(gateway)
+        gateway.wait_answering()
+        return gateway
 
-    try:
-        wait_until(answers, 30, what="the gateway answers")
-        yield Gateway(process, url)
-    finally:
-        stop(process, timeout=15)
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def gateway(start_gateway):
+    """One gateway on the test's Redis."""
+    return start_gateway()
