@@ -8,9 +8,13 @@ import pytest
 import yaml
 from conftest import EXAMPLES, copy_example, inferq_command, write_project
 
+from inferq import Client
 from inferq.bundle import pack, unpack
 from inferq.deploy import deploy
 from inferq.errors import BundleTooLarge, ConfigError, DeployError
+from inferq.processes import wait_until
+from inferq.registry import Registry
+from inferq.stack import EmbeddedRedis, free_port
 
 TWO_APIS = """
 - kind: deployment
@@ -214,3 +218,37 @@ def test_commands_without_a_stack_say_how_to_start_one(tmp_path, monkeypatch):
                               timeout=60, check=False)
         assert done.returncode == 1
         assert "inferq up" in done.stderr and "INFERQ_BROKER_URL" in done.stderr
+
+
+def test_queued_requests_survive_a_restart_of_the_embedded_redis(tmp_path, replicas):
+    """celery #1789: without persistence a Redis restart loses what was queued."""
+    data = tmp_path / "persisted"
+    port = free_port()
+    server = EmbeddedRedis(data, port=port)
+    server.start()
+    try:
+        registry = Registry(server.url)
+        deploy(copy_example("iris", tmp_path), registry)
+        with Client(server.url) as client:
+            client.submit("classifier", {"sepal_length": 5.1, "sepal_width": 3.5,
+                                         "petal_length": 1.4, "petal_width": 0.2})
+            reply_to = Registry.reply_key(client.id)
+        assert registry.queue_length("inferq.classifier") == 1
+        registry.close()
+    finally:
+        server.stop()
+
+    server = EmbeddedRedis(data, port=port)
+    server.start()
+    try:
+        registry = Registry(server.url)
+        assert registry.queue_length("inferq.classifier") == 1  # still queued
+        replicas.registry, replicas.redis_url = registry, server.url
+        replicas.start("classifier")
+        reply = wait_until(lambda: registry.pop_replies(reply_to, timeout=1), 30,
+                           what="the queued request answered after the restart")
+        assert reply[0]["result"] == "setosa"
+        replicas.stop_all()
+        registry.close()
+    finally:
+        server.stop()

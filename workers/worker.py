@@ -14,12 +14,14 @@ import os
 import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import Celery, signals
 from celery.concurrency.asynpool import AsynPool
 from celery.concurrency.prefork import TaskPool
+from celery.exceptions import SecurityWarning
 
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.processes import die_with_parent
@@ -59,6 +61,10 @@ def run_worker(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
     registry.ping()
     if registry.api(api) is None:
         raise UnknownAPI(f'no API named "{api}" is deployed (see `inferq get`)')
+    if hasattr(os, "getuid") and os.getuid() == 0:
+        # Celery's eight-line banner about root would open every replica's log; one line says it.
+        warnings.filterwarnings("ignore", category=SecurityWarning)
+        log.warning("running as root: prefer an unprivileged user (the Docker image uses one)")
     _state = _State(api, broker_url)
     app = make_app(broker_url)
     register_task(app)
