@@ -69,10 +69,6 @@ class _Replies:
         with self._lock:
             self._waiting.pop(task_id, None)
 
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._waiting)
-
     def close(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=5)
@@ -284,25 +280,26 @@ class Client:
         return deployed
 
     def _lookup(self, api: str, changes: int) -> DeployedApi:
+        apis = self._known_apis(changes)
+        deployed = apis.get(api)
+        if deployed is None:
+            known = ", ".join(sorted(apis)) or "none"
+            raise UnknownAPI(f'no API named "{api}" is deployed (deployed: {known})')
+        return deployed
+
+    def _known_apis(self, changes: int) -> dict[str, DeployedApi]:
+        """The deployed APIs by name, re-read only when ``changes`` says something changed."""
         with self._apis_lock:
             if changes != self._changes:
                 self._apis = {a.name: a for a in self.registry.apis()}
                 self._changes = changes
-            deployed = self._apis.get(api)
-        if deployed is None:
-            known = ", ".join(sorted(self._apis)) or "none"
-            raise UnknownAPI(f'no API named "{api}" is deployed (deployed: {known})')
-        return deployed
+            return self._apis
 
     def apis(self) -> list[DeployedApi]:
         """The deployed APIs (refreshed when anything was deployed or deleted)."""
         try:
             changes, _ = self.registry.changes_and_queue_length(None)
-            with self._apis_lock:
-                if changes != self._changes:
-                    self._apis = {a.name: a for a in self.registry.apis()}
-                    self._changes = changes
-                return list(self._apis.values())
+            return list(self._known_apis(changes).values())
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"the broker is unreachable ({exc})") from None
 

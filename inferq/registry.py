@@ -123,6 +123,11 @@ class Registry:
             socket_timeout=socket_timeout, socket_connect_timeout=5, health_check_interval=30,
         )
         self.redis = redis.Redis(connection_pool=pool)
+        # Lua scripts, registered once (each call then sends only the script's hash).
+        self._lead = self.redis.register_script(_LEAD_SCRIPT)
+        self._resign = self.redis.register_script(_RESIGN_SCRIPT)
+        self._end_request = self.redis.register_script(_END_REQUEST_SCRIPT)
+        self._track_value = self.redis.register_script(_TRACK_VALUE_SCRIPT)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -284,10 +289,6 @@ class Registry:
             return {"count": count, "min": float(raw["min"]), "max": float(raw["max"]),
                     "mean": float(raw["sum"]) / count}
         return {}
-
-    @property
-    def _track_value(self) -> Any:
-        return self.redis.register_script(_TRACK_VALUE_SCRIPT)
 
     def _retire_bundle(self, digest: str) -> None:
         # Keep a replaced bundle a while: replicas of the old version may still start from it.
@@ -497,18 +498,6 @@ class Registry:
     def plan(self) -> dict[str, Any]:
         raw = self.redis.get(_key("plan"))
         return json.loads(raw) if raw else {}
-
-    @property
-    def _lead(self) -> Any:
-        return self.redis.register_script(_LEAD_SCRIPT)
-
-    @property
-    def _resign(self) -> Any:
-        return self.redis.register_script(_RESIGN_SCRIPT)
-
-    @property
-    def _end_request(self) -> Any:
-        return self.redis.register_script(_END_REQUEST_SCRIPT)
 
     # -- replies ------------------------------------------------------------------------------
 

@@ -119,8 +119,9 @@ class Scaler:
             self._sample(deployed)
         self.registry.heartbeat(self.host, self._host_info())
         if self.registry.lead(self.host, LEADER_TTL_SECONDS):
-            self.decide(deployed)
-        plan = self.registry.plan()
+            plan = self.decide(deployed)
+        else:
+            plan = self.registry.plan()
         self._reconcile(deployed, plan.get("hosts", {}), now)
 
     def shutdown(self) -> None:
@@ -147,8 +148,8 @@ class Scaler:
 
     # -- the leader's decisions ---------------------------------------------------------------
 
-    def decide(self, deployed: dict[str, DeployedApi]) -> None:
-        """Desired replicas and placements for every API, and their statuses."""
+    def decide(self, deployed: dict[str, DeployedApi]) -> dict:
+        """Desired replicas and placements for every API, and their statuses; the new plan."""
         server_now = self.registry.now()
         hosts = self.registry.hosts()
         alive = {}
@@ -160,7 +161,8 @@ class Scaler:
         now = time.monotonic()
         desired: dict[str, int] = {}
         observed: dict[str, list[dict]] = {}
-        previous_desired = self.registry.plan().get("desired", {})
+        previous = self.registry.plan()
+        previous_desired = previous.get("desired", {})
         for name, api in deployed.items():
             records = [r for r in self.registry.replicas(name) if r.get("host") in alive]
             observed[name] = records
@@ -173,14 +175,13 @@ class Scaler:
                          "?" if load.cpu is None else f"{load.cpu:.0f}m")
         for name in self.autoscaler.known() - set(deployed):
             self.autoscaler.forget(name)
-        previous = self.registry.plan().get("hosts", {})
         placement = place(
-            desired, {n: a.api.compute for n, a in deployed.items()}, alive, previous
+            desired, {n: a.api.compute for n, a in deployed.items()}, alive,
+            previous.get("hosts", {}),
         )
-        self.registry.set_plan(
-            {"hosts": placement.hosts, "desired": desired,
-             "unplaced": {a: list(u) for a, u in placement.unplaced.items()}}
-        )
+        plan = {"hosts": placement.hosts, "desired": desired,
+                "unplaced": {a: list(u) for a, u in placement.unplaced.items()}}
+        self.registry.set_plan(plan)
         for name, api in deployed.items():
             status, reason = judge(
                 api.version, desired[name], placement.unplaced.get(name), observed[name],
@@ -190,20 +191,19 @@ class Scaler:
                 name, status, reason=reason, requested=desired[name],
                 hosts=placement.hosts.get(name, {}),
             )
+        return plan
 
     def _load(self, api: str, records: list[dict]) -> Load:
         live = [r["id"] for r in records if r["status"] == "live"]
         usage = self.registry.usage(api)
-        cpus = [usage[r]["cpu"] for r in live if r in usage and usage[r].get("cpu") is not None]
-        gpus = [usage[r]["gpu"] for r in live if r in usage and usage[r].get("gpu") is not None]
         ids = {r["id"] for r in records}
         in_flight = sum(1 for r in self.registry.in_flight(api) if r in ids)
         return Load(
             queued=self.registry.queue_length(queue_name(api)),
             in_flight=in_flight,
             live=len(live),
-            cpu=sum(cpus) / len(cpus) if cpus else None,
-            gpu=sum(gpus) / len(gpus) if gpus else None,
+            cpu=_mean(usage, live, "cpu"),
+            gpu=_mean(usage, live, "gpu"),
         )
 
     def _forget_host(self, host: str, deployed: dict[str, DeployedApi],
@@ -398,3 +398,9 @@ class Scaler:
         requeue the requests they held, so nothing is adopted twice or waits an hour."""
         deployed = {d.name: d for d in self.registry.apis()}
         self._forget_host(self.host, deployed, why="restarted")
+
+
+def _mean(usage: dict[str, dict[str, float]], replicas: list[str], key: str) -> float | None:
+    """The mean of ``key`` over the replicas that reported it; None when none did."""
+    values = [usage[r][key] for r in replicas if usage.get(r, {}).get(key) is not None]
+    return sum(values) / len(values) if values else None

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
+from conftest import inferq_command
 
 from inferq.processes import pid_alive, spawn, stop, wait_until
 from inferq.registry import Registry
@@ -35,7 +35,7 @@ class Scalers:
     def start(self, host: str = "host-a", *, cpu: str | None = None, mem: str | None = None,
               gpus: int | None = 0) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "inferq", "scaler", "--host-name", host]
+        args = inferq_command("scaler", "--host-name", host)
         for flag, value in (("--cpu", cpu), ("--mem", mem), ("--gpus", gpus)):
             if value is not None:
                 args += [flag, str(value)]
@@ -93,7 +93,7 @@ class Gateway:
         self.log_path = log
         with open(log, "wb") as output:
             self.process = spawn(
-                [sys.executable, "-m", "inferq", "gateway", "--port", str(self.port), *args],
+                inferq_command("gateway", "--port", str(self.port), *args),
                 env={**os.environ, "INFERQ_BROKER_URL": broker_url},
                 stdout=output,
                 stderr=subprocess.STDOUT,

@@ -32,19 +32,18 @@ from workers.replica import Replica, bootstrap, replica_id
 log = logging.getLogger("inferq.worker")
 
 EXIT_INIT_FAILED = 3
-EXIT_UNKNOWN_API = 4
 
 
 class _State:
     """What the main process and its pool child share (set up before the fork)."""
 
-    def __init__(self, api: str, broker_url: str) -> None:
+    def __init__(self, api: str, broker_url: str, registry: Registry) -> None:
         self.api = api
         self.broker_url = broker_url
         self.replica = replica_id()  # the main process's PID: stable across child restarts
         self.init_failed = multiprocessing.Value("b", 0, lock=False)
         self.loaded: Replica | None = None  # only in the pool child
-        self.registry: Registry | None = None
+        self.registry = registry  # the main process's; the pool child connects anew
 
 
 _state: _State | None = None
@@ -65,7 +64,7 @@ def run_worker(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
         # Celery's eight-line banner about root would open every replica's log; one line says it.
         warnings.filterwarnings("ignore", category=SecurityWarning)
         log.warning("running as root: prefer an unprivileged user (the Docker image uses one)")
-    _state = _State(api, broker_url)
+    _state = _State(api, broker_url, registry)
     app = make_app(broker_url)
     register_task(app)
     signals.worker_process_init.connect(_on_process_init, weak=False)
@@ -202,26 +201,19 @@ def _stop_on_init_failure(stopped: threading.Event) -> None:
             return
 
 
-def _main_registry() -> Registry:
-    # The main process connects only when a pool child died; a child makes its own connection.
-    if _state.registry is None:
-        _state.registry = Registry(_state.broker_url)
-    return _state.registry
-
-
 def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     """In the main process: a prediction whose pool child died was sent again (to any replica);
     the dead child's in-flight marker must not leave this replica looking busy."""
     if _state is None or not isinstance(getattr(reason, "exc", None), WorkerLostError):
         return
-    _main_registry().end_request(_state.api, _state.replica, task_id=request.id)
+    _state.registry.end_request(_state.api, _state.replica, task_id=request.id)
 
 
 def _on_task_failure(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
     """In the main process: a task whose replica died twice gets a clear error reply."""
     if not isinstance(exception, WorkerLostError) or _state is None:
         return
-    _main_registry().end_request(_state.api, _state.replica, task_id=task_id)
+    _state.registry.end_request(_state.api, _state.replica, task_id=task_id)
     reply_to = _reply_to(sender.request)
     if not reply_to:
         return
