@@ -3,10 +3,10 @@
 This package depends on nothing else of inferq but :mod:`inferq.errors` (a leaf module).
 """
 
-from configs.loader import Problem, load_project
-from configs.quantities import format_cpu, format_mem, parse_cpu, parse_duration, parse_mem
-from configs.render import api_yaml, to_yaml
-from configs.spec import Api, Compute, Deployment, Onnx, Predictor, Tracker
+from inferq.configs.loader import Problem, load_project
+from inferq.configs.quantities import format_cpu, format_mem, parse_cpu, parse_duration, parse_mem
+from inferq.configs.render import api_yaml, to_yaml
+from inferq.configs.spec import Api, Compute, Deployment, Onnx, Predictor, Tracker
 
 __all__ = [
     "Api",

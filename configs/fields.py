@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.quantities import describe, parse_cpu, parse_duration, parse_mem
+from inferq.configs.quantities import describe, parse_cpu, parse_duration, parse_mem
 
 Convert = Callable[[Any, Path], Any]
 BAD = type("Bad", (), {"__repr__": lambda self: "BAD"})()  # marks a value with a problem

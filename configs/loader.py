@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from configs import fields as f
-from configs.quantities import describe
-from configs.spec import Api, Compute, Deployment, Onnx, Predictor, Tracker
+from inferq.configs import fields as f
+from inferq.configs.quantities import describe
+from inferq.configs.spec import Api, Compute, Deployment, Onnx, Predictor, Tracker
 from inferq.errors import ConfigError
 
 CONFIG_NAME = "cortex.yaml"

@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
-from configs.quantities import format_cpu, format_duration, format_mem
-from configs.spec import Api, Compute, Deployment
+from inferq.configs.quantities import format_cpu, format_duration, format_mem
+from inferq.configs.spec import Api, Compute, Deployment
 
 _DURATIONS = ("timeout", "upscale_stabilization_period", "downscale_stabilization_period")
 

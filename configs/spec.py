@@ -1,6 +1,6 @@
 """The resolved spec of a project: frozen dataclasses with every default filled in.
 
-``configs.load_project`` builds these from a ``cortex.yaml``; after that no code looks up
+``inferq.configs.load_project`` builds these from a ``cortex.yaml``; after that no code looks up
 config keys in dicts. Quantities are exact integers: cpu in millicores, mem in bytes.
 Durations are float seconds.
 """

@@ -25,7 +25,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from gateway.metrics import GatewayMetrics
+from inferq.gateway.metrics import GatewayMetrics
 from inferq.client import Client
 from inferq.errors import (
     BrokerUnavailable,

@@ -12,7 +12,7 @@ import logging
 
 from waitress import create_server
 
-from gateway.app import DEFAULT_MAX_BODY, create_app
+from inferq.gateway.app import DEFAULT_MAX_BODY, create_app
 from inferq.client import Client
 
 log = logging.getLogger("inferq.gateway")

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs import Problem
+from inferq.configs import Problem
 from inferq.errors import BundleTooLarge
 
 #: Upper bound on the bundle's uncompressed size; models larger than this belong on S3.

@@ -46,7 +46,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.dry_run:
-        from configs import load_project, to_yaml
+        from inferq.configs import load_project, to_yaml
 
         sys.stdout.write(to_yaml(load_project(args.project_dir)))
         return 0
@@ -66,7 +66,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     name = args.name
     if name is None:
-        from configs import load_project
+        from inferq.configs import load_project
 
         name = load_project(".").name
     removed = _registry().delete(name)
@@ -114,7 +114,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.worker import run_worker
+    from inferq.workers.worker import run_worker
 
     return run_worker(args.api, stack.broker_url(), loglevel=args.loglevel)
 
@@ -122,7 +122,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     import logging
 
-    from gateway.server import serve
+    from inferq.gateway.server import serve
 
     logging.basicConfig(level=args.loglevel, format="%(asctime)s [gateway] %(levelname)s %(message)s")
     serve(stack.broker_url(), host=args.host, port=args.port, threads=args.threads,
@@ -133,8 +133,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_scaler(args: argparse.Namespace) -> int:
     import logging
 
-    from scaler.host import declared_capacity
-    from scaler.scaler import Scaler
+    from inferq.scaler.host import declared_capacity
+    from inferq.scaler.scaler import Scaler
 
     logging.basicConfig(level=args.loglevel, format="%(asctime)s [scaler] %(levelname)s %(message)s")
     capacity = declared_capacity(args.cpu, args.mem, args.gpus)

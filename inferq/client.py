@@ -36,7 +36,7 @@ from inferq.errors import (
     UnknownAPI,
 )
 from inferq.registry import DeployedApi, Registry
-from workers.app import TASK_NAME, make_app, queue_name
+from inferq.workers.app import TASK_NAME, make_app, queue_name
 
 log = logging.getLogger("inferq.client")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from configs import Deployment, load_project
+from inferq.configs import Deployment, load_project
 from inferq.bundle import pack
 from inferq.registry import DeployResult, Registry
 

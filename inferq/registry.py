@@ -38,7 +38,7 @@ from typing import Any
 
 import redis
 
-from configs import Api, Deployment
+from inferq.configs import Api, Deployment
 from inferq.errors import BrokerUnavailable, DeployError
 
 PREFIX = "inferq:"

@@ -120,7 +120,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 
 
 def render_api(row: dict[str, Any], gateway: str) -> str:
-    from configs import Api, api_yaml
+    from inferq.configs import Api, api_yaml
 
     lines = [render_table([row]), "", f"endpoint: {gateway}{row['endpoint']}"]
     if row["reason"]:
@@ -182,8 +182,8 @@ def host_rows(registry: Registry) -> list[dict[str, Any]]:
 def render_hosts(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no scaler is running (start one with `inferq scaler` or `inferq up`)"
-    from configs import format_cpu
-    from scaler.host import Capacity
+    from inferq.configs import format_cpu
+    from inferq.scaler.host import Capacity
 
     header = ("host", "cpu", "mem", "gpus", "replicas", "heartbeat")
     lines = [header]

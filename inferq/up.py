@@ -95,7 +95,7 @@ class Up:
     def _start_services(self, url: str) -> None:
         env = {"INFERQ_BROKER_URL": url}
         for name, args in self._service_commands():
-            service = Service(name, [sys.executable, "-m", "inferq", *args], env=env)
+            service = Service(name, [sys.executable, "-P", "-m", "inferq", *args], env=env)
             service.start()
             self.services.append(service)
 

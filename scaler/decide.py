@@ -17,8 +17,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from configs import Compute, format_cpu, format_mem
-from scaler.host import Capacity
+from inferq.configs import Compute, format_cpu, format_mem
+from inferq.scaler.host import Capacity
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import psutil
 
-from configs.quantities import format_cpu, format_mem, parse_cpu, parse_mem
+from inferq.configs.quantities import format_cpu, format_mem, parse_cpu, parse_mem
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import redis
 
 from inferq.processes import spawn
 from inferq.registry import Registry
-from workers.replica import replica_id
-from workers.worker import EXIT_INIT_FAILED
+from inferq.workers.replica import replica_id
+from inferq.workers.worker import EXIT_INIT_FAILED
 
 LOG_FLUSH_SECONDS = 0.2
 
@@ -84,7 +84,7 @@ def start_replica(
         "PYTHONUNBUFFERED": "1",
     }
     process = spawn(
-        [sys.executable, "-m", "inferq", "worker", api, "--loglevel", loglevel],
+        [sys.executable, "-P", "-m", "inferq", "worker", api, "--loglevel", loglevel],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     replica = ReplicaProcess(api, version, host, process, gpus)

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import redis
 
-from configs import format_mem
+from inferq.configs import format_mem
 from inferq.registry import DeployedApi, Registry
-from scaler.decide import Autoscaler, Load, place
-from scaler.host import Capacity, Nvml, ProcessTreeSampler
-from scaler.replicas import LogPump, ReplicaProcess, start_replica
-from scaler.status import judge
-from workers.app import queue_name
+from inferq.scaler.decide import Autoscaler, Load, place
+from inferq.scaler.host import Capacity, Nvml, ProcessTreeSampler
+from inferq.scaler.replicas import LogPump, ReplicaProcess, start_replica
+from inferq.scaler.status import judge
+from inferq.workers.app import queue_name
 
 log = logging.getLogger("inferq.scaler")
 

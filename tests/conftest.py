@@ -71,7 +71,7 @@ def copy_example(name: str, into: Path) -> Path:
 
 
 def inferq_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "inferq", *args]
+    return [sys.executable, "-P", "-m", "inferq", *args]
 
 
 class Replicas:

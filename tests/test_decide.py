@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from configs import Compute
-from scaler.decide import Autoscaler, Load, place, recommend
-from scaler.host import Capacity
-from scaler.status import judge
+from inferq.configs import Compute
+from inferq.scaler.decide import Autoscaler, Load, place, recommend
+from inferq.scaler.host import Capacity
+from inferq.scaler.status import judge
 
 GiB = 1024**3
 

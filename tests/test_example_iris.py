@@ -155,11 +155,9 @@ def test_cortex_yaml_uses_only_v011_keys():
     assert (EXAMPLE / "requirements.txt").read_text().split() == ["numpy"]
 
 
-def test_cortex_yaml_loads_with_inferq_when_available():
-    configs = pytest.importorskip("configs")
-    load_project = getattr(configs, "load_project", None)
-    if load_project is None:
-        pytest.skip("configs.load_project not available yet")
+def test_cortex_yaml_loads_with_inferq():
+    from inferq.configs import load_project
+
     deployment = load_project(EXAMPLE)
     (api,) = deployment.apis
     assert (deployment.name, api.name, api.endpoint) == ("iris", "classifier", "/iris/classifier")

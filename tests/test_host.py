@@ -1,4 +1,4 @@
-"""scaler.host: capacity detection and declaration, NVML without a driver, and the sampler
+"""inferq.scaler.host: capacity detection and declaration, NVML without a driver, and the sampler
 measured on real process trees (busy, idle, grandchildren, children that exit)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from inferq.processes import spawn, stop, wait_until
 from inferq.stack import host_name
-from scaler.host import (
+from inferq.scaler.host import (
     Capacity,
     Nvml,
     ProcessTreeSampler,

@@ -12,14 +12,14 @@ import pytest
 
 from inferq.errors import ModelDownloadError
 from inferq.processes import spawn, stop, wait_until
-from workers import models
-from workers.models import fetch_model
+from inferq.workers import models
+from inferq.workers.models import fetch_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FETCH = """
 import logging, sys
 from pathlib import Path
-from workers.models import fetch_model
+from inferq.workers.models import fetch_model
 logging.basicConfig(level=logging.INFO)
 print(fetch_model(sys.argv[1], Path("."), Path(sys.argv[2]), api="iris"))
 """

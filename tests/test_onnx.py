@@ -19,8 +19,8 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 from inferq.errors import PredictionError, PredictorError
-from workers.onnx import OnnxPredictor
-from workers.predictor import import_file
+from inferq.workers.onnx import OnnxPredictor
+from inferq.workers.predictor import import_file
 
 # Cortex v0.11's ONNX iris request handler (examples/sklearn/iris-classifier), verbatim.
 IRIS_HANDLER = """

@@ -25,8 +25,8 @@ from inferq.client import Client
 from inferq.deploy import deploy
 from inferq.errors import PredictionError
 from inferq.processes import wait_until
-from workers.app import queue_name
-from workers.worker import EXIT_INIT_FAILED
+from inferq.workers.app import queue_name
+from inferq.workers.worker import EXIT_INIT_FAILED
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 SETOSA = {"sepal_length": 5.2, "sepal_width": 3.6, "petal_length": 1.4, "petal_width": 0.3}

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from conftest import EXAMPLES, write_project
 
-from configs import (
+from inferq.configs import (
     Compute,
     Problem,
     format_cpu,
@@ -19,7 +19,7 @@ from configs import (
     parse_mem,
     to_yaml,
 )
-from configs.quantities import format_duration
+from inferq.configs.quantities import format_duration
 from inferq.errors import ConfigError
 
 PREDICTOR = "def predict(sample, metadata):\n    return sample\n"

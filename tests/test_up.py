@@ -20,9 +20,10 @@ from inferq.stack import free_port
 class UpProcess:
     """``inferq up`` in the background, its output collected line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.process = spawn(inferq_command("up", *args), env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
+    def __init__(self, args: list[str], env: dict[str, str], *, command: list[str] | None = None,
+                 cwd: str | None = None) -> None:
+        self.process = spawn(command or inferq_command("up", *args), env=env, cwd=cwd,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -62,8 +63,8 @@ def up_env(tmp_path, monkeypatch):
 def run_up(up_env):
     started: list[UpProcess] = []
 
-    def start(*args: str) -> UpProcess:
-        up = UpProcess(list(args), up_env)
+    def start(*args: str, command: list[str] | None = None, cwd: str | None = None) -> UpProcess:
+        up = UpProcess(list(args), up_env, command=command, cwd=cwd)
         started.append(up)
         return up
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from inferq.errors import PredictionError, PredictorError
-from workers.predictor import check_callable
+from inferq.workers.predictor import check_callable
 
 log = logging.getLogger("inferq.onnx")
 

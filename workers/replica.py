@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from configs import Api
+from inferq.configs import Api
 from inferq import stack
 from inferq.bundle import unpack
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.registry import DeployedApi, Registry
-from workers.models import fetch_model
-from workers.predictor import PythonPredictor, import_file
-from workers.tracker import PredictionTracker
+from inferq.workers.models import fetch_model
+from inferq.workers.predictor import PythonPredictor, import_file
+from inferq.workers.tracker import PredictionTracker
 
 log = logging.getLogger("inferq.replica")
 
@@ -132,7 +132,7 @@ def load_predictor(api: Api, project: Path) -> Any:
         return PythonPredictor(
             project / spec.path, label=spec.path, model_path=model_path, metadata=spec.metadata
         )
-    from workers.onnx import OnnxPredictor  # onnxruntime is heavy: only ONNX replicas load it
+    from inferq.workers.onnx import OnnxPredictor  # onnxruntime is heavy: only ONNX replicas load it
 
     spec = api.onnx
     handler = None

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from configs import Tracker
+from inferq.configs import Tracker
 from inferq.registry import Registry
 
 log = logging.getLogger("inferq.tracker")

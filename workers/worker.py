@@ -3,7 +3,7 @@
 The worker's main process holds the broker connection and the message; its one pool child
 bootstraps the predictor (``worker_process_init``) and runs predictions. When that child dies
 mid-prediction, the main process notices at once and Celery retries the task (see
-``workers.app``); when the retry dies too, :func:`_on_task_failure` answers the caller.
+``inferq.workers.app``); when the retry dies too, :func:`_on_task_failure` answers the caller.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from celery.exceptions import SecurityWarning
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.processes import die_with_parent
 from inferq.registry import Registry
-from workers.app import TASK_NAME, make_app, queue_name
-from workers.replica import Replica, bootstrap, replica_id
+from inferq.workers.app import TASK_NAME, make_app, queue_name
+from inferq.workers.replica import Replica, bootstrap, replica_id
 
 log = logging.getLogger("inferq.worker")
 
