@@ -46,26 +46,40 @@ API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 class Routes:
     """Endpoint -> API, following deploys, redeploys and deletes without a restart.
 
-    Each lookup costs one small round trip (the registry's change counter); the API list is
-    re-read only after a deploy or delete, so a moved or deleted endpoint is never served.
+    A lookup costs no round trip: it reads the client's API list, which queueing checks
+    against the registry's change counter (``Client.submit(endpoint=...)``), so a moved or
+    deleted endpoint is never served. An endpoint the list lacks is looked up afresh.
     """
 
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._last: dict[str, str] = {}  # endpoint -> API name, for errors while the broker is down
+        # (the client's API list, its endpoint index): swapped whole, so threads agree
+        self._index_of: tuple[dict | None, dict[str, DeployedApi]] = (None, {})
 
-    def find(self, endpoint: str) -> DeployedApi | None:
-        """The API at ``endpoint``, or None; raises :class:`BrokerUnavailable`."""
-        by_endpoint = {a.api.endpoint: a for a in self._client.apis()}
-        self._last = {e: a.name for e, a in by_endpoint.items()}
-        return by_endpoint.get(endpoint)
+    def find(self, endpoint: str, *, fresh: bool = False) -> DeployedApi | None:
+        """The API at ``endpoint``, or None; raises :class:`BrokerUnavailable` when it must
+        ask the registry and cannot."""
+        if not fresh:
+            found = self._index(self._client.cached_apis()).get(endpoint)
+            if found is not None:
+                return found
+        self._client.apis()  # re-reads the list if anything was deployed or deleted
+        return self._index(self._client.cached_apis()).get(endpoint)
 
     def last_known(self, endpoint: str) -> str | None:
         """The API that was at ``endpoint`` when the broker last answered."""
-        return self._last.get(endpoint)
+        found = self._index_of[1].get(endpoint)
+        return found.name if found is not None else None
 
     def endpoints(self) -> list[str]:
-        return sorted(self._last)
+        return sorted(self._index_of[1])
+
+    def _index(self, apis: dict[str, DeployedApi]) -> dict[str, DeployedApi]:
+        indexed, by_endpoint = self._index_of
+        if apis is not indexed:
+            by_endpoint = {a.api.endpoint: a for a in apis.values()}
+            self._index_of = (apis, by_endpoint)
+        return by_endpoint
 
 
 def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
@@ -98,7 +112,9 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
         started = time.perf_counter()
         endpoint = "/" + path
         try:
-            deployed = routes.find(endpoint)
+            # A summary (GET) is rare: it asks the registry; a prediction (POST) is checked
+            # against it when queued.
+            deployed = routes.find(endpoint, fresh=request.method != "POST")
         except BrokerUnavailable as exc:
             request.environ["inferq.api"] = routes.last_known(endpoint)
             return _json(_error(str(exc)), 503, retry_after=1)
@@ -106,7 +122,7 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
             return _not_found(endpoint, routes)
         request.environ["inferq.api"] = deployed.name  # for the error bodies
         try:
-            response = _serve(client, deployed)
+            response = _serve(client, deployed, endpoint, routes)
         except HTTPException as exc:  # 413 from reading the body
             response = http_error(exc)
         metrics.observe(deployed.name, response.status_code, time.perf_counter() - started)
@@ -136,7 +152,7 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
     return app
 
 
-def _serve(client: Client, deployed: DeployedApi) -> Response:
+def _serve(client: Client, deployed: DeployedApi, endpoint: str, routes: Routes) -> Response:
     name = deployed.name
     if request.method in ("GET", "HEAD"):
         url = request.url_root.rstrip("/") + deployed.api.endpoint
@@ -163,9 +179,19 @@ def _serve(client: Client, deployed: DeployedApi) -> Response:
         return _json({"error": f"the request body is not JSON: {exc}", "api": name}, 400)
     debug = request.args.get("debug", "").lower() in ("1", "true", "yes")
     try:
-        future = client.submit(name, sample, debug=debug)
-    except UnknownAPI as exc:  # deleted since the lookup
+        try:
+            future = client.submit(name, sample, debug=debug, endpoint=endpoint)
+        except UnknownAPI:  # deleted or moved since the lookup: route again, afresh
+            moved = routes.find(endpoint, fresh=True)
+            if moved is None:
+                return _not_found(endpoint, routes)
+            name = moved.name
+            request.environ["inferq.api"] = name
+            future = client.submit(name, sample, debug=debug, endpoint=endpoint)
+    except UnknownAPI as exc:
         return _json({"error": str(exc)}, 404)
+    except PredictionError as exc:  # a sample JSON cannot carry on (NaN, Infinity)
+        return _json({"error": exc.reason, "api": name}, 400)
     except QueueFull as exc:
         return _json({"error": str(exc), "api": name}, 503, retry_after=exc.retry_after)
     except BrokerUnavailable as exc:

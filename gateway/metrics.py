@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from inferq.errors import InferqError
-from inferq.workers.app import queue_name
+from inferq.workers.messages import queue_name
 
 log = logging.getLogger("inferq.gateway")
 

@@ -114,9 +114,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from inferq.workers.worker import run_worker
+    from inferq.workers.supervisor import serve_child, supervise
 
-    return run_worker(args.api, stack.broker_url(), loglevel=args.loglevel)
+    if args.serve:
+        return serve_child(args.api, stack.broker_url(), args.serve, loglevel=args.loglevel)
+    return supervise(args.api, stack.broker_url(), loglevel=args.loglevel)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -228,6 +230,8 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run one replica of an API")
     worker.add_argument("api", metavar="API_NAME")
     worker.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))
+    # the supervisor starts the serving process with this (inferq.workers.supervisor)
+    worker.add_argument("--serve", metavar="REPLICA_ID", help=argparse.SUPPRESS)
     worker.set_defaults(handler=cmd_worker)
 
     gateway = sub.add_parser("gateway", help="run the HTTP gateway")

@@ -1,8 +1,10 @@
 """The Python client: ``predict``, ``submit`` and ``map`` against deployed APIs.
 
 The gateway is built on it too, so every request, whichever way it arrives, takes the same
-path: check the API and its queue, put the task on the API's queue with ``reply_to`` set to
-this client's reply list, and wait for the replica to push the reply there.
+path, one Redis round trip out: a script checks that the API list this client knows is
+current (the registry's change counter) and that the queue has room, and pushes the task
+message (``inferq.workers.messages``) with ``reply_to`` set to this client's reply list; the
+replica pushes the reply there.
 
 Replies are collected by ONE listener thread per client that hands each reply to its waiter
 (a :class:`concurrent.futures.Future`). Celery's own ``AsyncResult.get()`` is not used: the
@@ -21,11 +23,10 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from typing import Any, Self
 
 import redis
-from kombu.exceptions import OperationalError
 
 from inferq import stack
 from inferq.errors import (
@@ -36,11 +37,19 @@ from inferq.errors import (
     UnknownAPI,
 )
 from inferq.registry import DeployedApi, Registry
-from inferq.workers.app import TASK_NAME, make_app, queue_name
+from inferq.workers import messages
+from inferq.workers.messages import queue_name
 
 log = logging.getLogger("inferq.client")
 
-BROKER_ERRORS = (redis.RedisError, OperationalError, ConnectionError, OSError)
+
+@dataclass
+class _Waiter:
+    future: Future
+    api: str
+    index: int | None
+    queue: str
+    message: str
 
 
 class _Replies:
@@ -50,24 +59,22 @@ class _Replies:
         self._registry = registry
         self._key = key
         self._lock = threading.Lock()
-        self._waiting: dict[str, tuple[Future, str, int | None]] = {}
+        self._waiting: dict[str, _Waiter] = {}
         self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, task id)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inferq-replies", daemon=True)
         self._thread.start()
 
-    def expect(self, task_id: str, api: str, index: int | None, timeout: float) -> Future:
-        future: Future = Future()
-        future.set_running_or_notify_cancel()
+    def expect(self, task_id: str, waiter: _Waiter, timeout: float) -> None:
+        waiter.future.set_running_or_notify_cancel()
+        waiter.future.timeout = timeout  # type: ignore[attr-defined]  (for the 504 message)
         with self._lock:
-            self._waiting[task_id] = (future, api, index)
+            self._waiting[task_id] = waiter
             heapq.heappush(self._deadlines, (time.monotonic() + timeout, task_id))
-        future.timeout = timeout  # type: ignore[attr-defined]  (for the 504 message)
-        return future
 
-    def forget(self, task_id: str) -> None:
+    def forget(self, task_id: str) -> _Waiter | None:
         with self._lock:
-            self._waiting.pop(task_id, None)
+            return self._waiting.pop(task_id, None)
 
     def close(self) -> None:
         self._stopped.set()
@@ -102,11 +109,11 @@ class _Replies:
             waiter = self._waiting.pop(reply.get("id", ""), None)
         if waiter is None:
             return  # timed out already, or a duplicate: nobody waits for it
-        future, api, index = waiter
         if "error" in reply:
-            future.set_exception(PredictionError(reply["error"], api=api, index=index))
+            waiter.future.set_exception(
+                PredictionError(reply["error"], api=waiter.api, index=waiter.index))
         else:
-            future.set_result(reply.get("result"))
+            waiter.future.set_result(reply.get("result"))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -117,15 +124,25 @@ class _Replies:
                 waiter = self._waiting.pop(task_id, None)
                 if waiter is not None:
                     expired.append(waiter)
-        for future, api, index in expired:
-            future.set_exception(
+        for waiter in expired:
+            _withdraw(self._registry, waiter)
+            waiter.future.set_exception(
                 PredictionTimeout(
-                    f"no replica answered within {future.timeout:g}s (the request was "
+                    f"no replica answered within {waiter.future.timeout:g}s (the request was "
                     "withdrawn and will not run later)",
-                    api=api,
-                    index=index,
+                    api=waiter.api,
+                    index=waiter.index,
                 )
             )
+
+
+def _withdraw(registry: Registry, waiter: _Waiter) -> None:
+    """Take a request nobody waits for off its queue, if no replica took it yet (one that
+    did drops it: the message expires with its caller's deadline)."""
+    try:
+        registry.withdraw(waiter.queue, waiter.message)
+    except redis.RedisError:
+        pass  # it expires on its own
 
 
 class Client:
@@ -143,12 +160,12 @@ class Client:
         self.broker_url = broker_url or stack.broker_url()
         # Threads beyond max_connections that talk to Redis at once wait for a connection.
         self.registry = Registry(self.broker_url, max_connections=max_connections)
-        self.app = make_app(self.broker_url)
         self.id = uuid.uuid4().hex
+        self.reply_key = Registry.reply_key(self.id)
         self._apis: dict[str, DeployedApi] = {}
         self._changes = -1
         self._apis_lock = threading.Lock()
-        self._replies = _Replies(self.registry, Registry.reply_key(self.id))
+        self._replies = _Replies(self.registry, self.reply_key)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -158,49 +175,45 @@ class Client:
         return self.submit(api, sample, debug=debug, timeout=timeout).result()
 
     def submit(self, api: str, sample: Any, *, debug: bool = False, timeout: float | None = None,
-               index: int | None = None) -> Future:
+               index: int | None = None, endpoint: str | None = None) -> Future:
         """Queue one sample; return a future whose ``result(timeout)`` is the prediction.
 
         The future fails with :class:`PredictionTimeout` when no replica answers within the
         API's ``compute.timeout`` (or ``timeout``); the request is then withdrawn: a replica
         that takes it later drops it. Raises :class:`UnknownAPI`, :class:`QueueFull` or
-        :class:`BrokerUnavailable` before anything is queued.
+        :class:`BrokerUnavailable` before anything is queued. With ``endpoint`` (the gateway),
+        :class:`UnknownAPI` also when the API no longer serves that endpoint.
         """
-        deployed = self._admit(api)
+        deployed = self._deployed(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         task_id = uuid.uuid4().hex
-        # The message expires before the caller stops waiting, so no replica can start it
-        # after the caller was told it timed out.
-        expires = datetime.now(UTC) + timedelta(seconds=timeout)
-        future = self._replies.expect(task_id, api, index, timeout)
+        queue = queue_name(api)
         try:
-            self.app.send_task(
-                TASK_NAME,
-                args=[sample],
-                kwargs={"debug": bool(debug)},
-                queue=queue_name(api),
-                task_id=task_id,
-                reply_to=Registry.reply_key(self.id),
-                ignore_result=True,
-                expires=expires,
-                retry=False,
-            )
-        except BROKER_ERRORS as exc:
+            # The message expires with the caller's deadline, so no replica can start it
+            # after the caller was told it timed out.
+            message = messages.encode(task_id, sample, queue=queue, reply_to=self.reply_key,
+                                      expires_at=time.time() + timeout, debug=bool(debug))
+        except (TypeError, ValueError) as exc:
+            raise PredictionError(f"the sample cannot be sent as JSON: {exc}", api=api,
+                                  index=index) from None
+        waiter = _Waiter(Future(), api, index, queue, message)
+        self._replies.expect(task_id, waiter, timeout)
+        try:
+            self._enqueue(deployed, queue, message, endpoint)
+        except BaseException:
             self._replies.forget(task_id)
-            raise BrokerUnavailable(f"cannot queue the request: the broker is unreachable ({exc})")
-        future.task_id = task_id  # type: ignore[attr-defined]
-        return future
+            raise
+        waiter.future.task_id = task_id  # type: ignore[attr-defined]
+        return waiter.future
 
     def cancel(self, future: Future) -> None:
         """Withdraw a submitted request that is no longer wanted (its caller went away)."""
         task_id = getattr(future, "task_id", None)
         if task_id is None or future.done():
             return
-        self._replies.forget(task_id)
-        try:
-            self.app.control.revoke(task_id)
-        except BROKER_ERRORS:
-            pass  # the message expires on its own
+        waiter = self._replies.forget(task_id)
+        if waiter is not None:
+            _withdraw(self.registry, waiter)
 
     def map(self, api: str, samples: Iterable[Any], *, progress: bool = False,
             window: int = 64, timeout: float | None = None) -> Iterator[Any]:
@@ -211,7 +224,7 @@ class Client:
         or results held at once. ``samples`` may be a generator. The first failed sample
         raises :class:`PredictionError` naming the API, the sample's index and the message.
         """
-        self._admit(api)  # an unknown API fails before anything is queued
+        self._deployed(api)  # an unknown API fails before anything is queued
         total = len(samples) if hasattr(samples, "__len__") else None
         bar = _progress_bar(api, total) if progress else None
         return self._map(api, iter(samples), bar, max(1, window), timeout)
@@ -263,45 +276,66 @@ class Client:
             bar.update(1)
         return result
 
-    def _admit(self, api: str) -> DeployedApi:
-        """The deployed API, if it exists and its queue has room (one round trip)."""
-        try:
-            changes, depth = self.registry.changes_and_queue_length(queue_name(api))
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"the broker is unreachable ({exc})") from None
-        deployed = self._lookup(api, changes)
-        limit = deployed.api.compute.max_queue_length
-        if depth >= limit:
-            raise QueueFull(
-                f'api "{api}": its queue holds {depth} requests, the limit is {limit} '
-                "(compute.max_queue_length); retry later",
-                retry_after=1,
-            )
+    def _deployed(self, api: str) -> DeployedApi:
+        """The API as this client knows it (checked against the registry when queueing)."""
+        deployed = self._apis.get(api)
+        if deployed is None:
+            deployed = self._lookup(api, self._refresh())
         return deployed
 
-    def _lookup(self, api: str, changes: int) -> DeployedApi:
-        apis = self._known_apis(changes)
+    def _enqueue(self, deployed: DeployedApi, queue: str, message: str,
+                 endpoint: str | None) -> None:
+        """Queue ``message`` in one round trip, unless the API is gone or its queue full."""
+        limit = deployed.api.compute.max_queue_length
+        for _ in range(3):  # deploys racing the request: re-check what changed and retry
+            try:
+                outcome, value = self.registry.enqueue(queue, message, changes=self._changes,
+                                                       limit=limit)
+            except redis.RedisError as exc:
+                raise BrokerUnavailable(
+                    f"cannot queue the request: the broker is unreachable ({exc})") from None
+            if outcome == "queued":
+                return
+            if outcome == "full":
+                raise QueueFull(
+                    f'api "{deployed.name}": its queue holds {value} requests, the limit is '
+                    f"{limit} (compute.max_queue_length); retry later",
+                    retry_after=1,
+                )
+            deployed = self._lookup(deployed.name, self._refresh())  # UnknownAPI if deleted
+            if endpoint is not None and deployed.api.endpoint != endpoint:
+                raise UnknownAPI(f'api "{deployed.name}" moved from {endpoint} to '
+                                 f"{deployed.api.endpoint}")
+            limit = deployed.api.compute.max_queue_length
+        raise BrokerUnavailable("the deployed APIs keep changing; retry")
+
+    def _lookup(self, api: str, apis: dict[str, DeployedApi]) -> DeployedApi:
         deployed = apis.get(api)
         if deployed is None:
             known = ", ".join(sorted(apis)) or "none"
             raise UnknownAPI(f'no API named "{api}" is deployed (deployed: {known})')
         return deployed
 
-    def _known_apis(self, changes: int) -> dict[str, DeployedApi]:
-        """The deployed APIs by name, re-read only when ``changes`` says something changed."""
-        with self._apis_lock:
-            if changes != self._changes:
-                self._apis = {a.name: a for a in self.registry.apis()}
-                self._changes = changes
-            return self._apis
+    def _refresh(self) -> dict[str, DeployedApi]:
+        """Re-read the deployed APIs if anything was deployed or deleted since the last read."""
+        try:
+            changes = self.registry.changes()
+            with self._apis_lock:
+                if changes != self._changes:
+                    self._apis = {a.name: a for a in self.registry.apis()}
+                    self._changes = changes
+                return self._apis
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"the broker is unreachable ({exc})") from None
 
     def apis(self) -> list[DeployedApi]:
         """The deployed APIs (refreshed when anything was deployed or deleted)."""
-        try:
-            changes, _ = self.registry.changes_and_queue_length(None)
-            return list(self._known_apis(changes).values())
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"the broker is unreachable ({exc})") from None
+        return list(self._refresh().values())
+
+    def cached_apis(self) -> dict[str, DeployedApi]:
+        """The deployed APIs as last read, without a round trip (queueing checks they are
+        current)."""
+        return self._apis
 
 
 def _progress_bar(api: str, total: int | None) -> Any:

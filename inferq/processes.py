@@ -38,8 +38,10 @@ def spawn(
     stdout=None,
     stderr=None,
     cwd: str | None = None,
+    own_group: bool = True,
 ) -> subprocess.Popen:
-    """Start ``args`` as a child that dies with this process."""
+    """Start ``args`` as a child that dies with this process, in a process group of its own
+    unless ``own_group`` is False (then a signal to this process's group reaches it too)."""
     return subprocess.Popen(
         list(args),
         env=env,
@@ -48,7 +50,7 @@ def spawn(
         stdin=subprocess.DEVNULL,
         cwd=cwd,
         # Only prctl and setpgid run there (async-signal-safe enough); no lock is taken.
-        preexec_fn=_own_group_and_die_with_parent,  # noqa: PLW1509
+        preexec_fn=_own_group_and_die_with_parent if own_group else die_with_parent,  # noqa: PLW1509
     )
 
 

@@ -16,7 +16,8 @@ Keys (all under ``inferq:``):
 ``stats:<api>``                hash: request counts by status class, latency sum
 ``tracker:<api>``              hash: tracked predictions (``class:<label>`` counts, or
                                ``count``, ``sum``, ``min``, ``max`` of regression values)
-``inflight:<api>``             hash: replica id -> id of the task it is predicting now
+``taken:<api>:<replica>``      list: the message a replica took and has not answered yet
+                               (it takes with BLMOVE into this list: see inferq.workers.transport)
 ``usage:<api>``                hash: replica id -> JSON cpu (millicores) and rss (bytes)
 ``failure:<api>``              hash: host -> JSON last replica failure there (kind, message)
 ``logs:<api>``                 stream: the API's replica log lines (replica, line)
@@ -34,6 +35,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -45,9 +47,7 @@ PREFIX = "inferq:"
 REPLY_TTL_SECONDS = 300  # a reply nobody collects is gone after this
 RETIRED_BUNDLE_TTL_SECONDS = 24 * 3600  # replicas of an old version may still fetch it
 LOG_LINES_KEPT = 10_000  # per API
-# kombu's Redis transport's own keys (its defaults), for :meth:`Registry.requeue`:
-KOMBU_UNACKED = "unacked"
-KOMBU_UNACKED_INDEX = "unacked_index"
+DEATHS_HEADER = "inferq_deaths"  # in a message: how many replicas died holding it
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class Registry:
         # Lua scripts, registered once (each call then sends only the script's hash).
         self._lead = self.redis.register_script(_LEAD_SCRIPT)
         self._resign = self.redis.register_script(_RESIGN_SCRIPT)
-        self._end_request = self.redis.register_script(_END_REQUEST_SCRIPT)
+        self._enqueue = self.redis.register_script(_ENQUEUE_SCRIPT)
         self._track_value = self.redis.register_script(_TRACK_VALUE_SCRIPT)
 
     # -- connection ---------------------------------------------------------------------------
@@ -245,15 +245,19 @@ class Registry:
         """A number that grows with every deploy and delete (for cheap change detection)."""
         return int(self.redis.get(_key("changes")) or 0)
 
-    def changes_and_queue_length(self, queue: str | None) -> tuple[int, int]:
-        """:meth:`changes` and the number of messages waiting in Celery queue ``queue``
-        (kombu's Redis transport keeps a queue as a list named after it), in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(_key("changes"))
-        if queue is not None:
-            pipe.llen(queue)
-        results = pipe.execute()
-        return int(results[0] or 0), int(results[1]) if queue is not None else 0
+    def enqueue(self, queue: str, message: str, *, changes: int, limit: int) -> tuple[str, int]:
+        """Push ``message`` on ``queue`` if the deployed APIs are still as of ``changes`` and the
+        queue holds fewer than ``limit`` messages, in one round trip.
+
+        Returns ("queued", depth), ("full", depth) or ("stale", current changes) — then the
+        caller re-reads the APIs (something was deployed or deleted) and decides again.
+        """
+        code, value = self._enqueue(keys=[_key("changes"), queue], args=[changes, limit, message])
+        return {1: "queued", 0: "full", -1: "stale"}[int(code)], int(value)
+
+    def withdraw(self, queue: str, message: str) -> bool:
+        """Remove a message no replica has taken yet; False when it was taken already."""
+        return bool(self.redis.lrem(queue, 1, message))
 
     def queue_length(self, queue: str) -> int:
         return int(self.redis.llen(queue))
@@ -329,21 +333,23 @@ class Registry:
         raw = self.redis.get(_key("status", api))
         return json.loads(raw) if raw else None
 
-    def start_request(self, api: str, replica: str, task_id: str) -> None:
-        self.redis.hset(_key("inflight", api), replica, task_id)
+    @staticmethod
+    def taken_key(api: str, replica: str) -> str:
+        """The list a replica takes its message into (kept until it answers)."""
+        return _key("taken", api, replica)
 
-    def end_request(self, api: str, replica: str, task_id: str | None = None) -> None:
-        """Clear the replica's in-flight marker; with ``task_id``, only if it names that task
-        (a replica that already took its next request keeps that request's marker)."""
-        if task_id is None:
-            self.redis.hdel(_key("inflight", api), replica)
-        else:
-            self._end_request(keys=[_key("inflight", api)], args=[replica, task_id])
-
-    def in_flight(self, api: str) -> dict[str, str]:
-        """Replica id -> the task it is predicting now."""
-        raw = self.redis.hgetall(_key("inflight", api))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+    def in_flight(self, api: str, replicas: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """Replica id -> ids of the tasks it holds now (taken, not answered), for ``replicas``
+        (default: every replica with a record)."""
+        replicas = [r["id"] for r in self.replicas(api)] if replicas is None else list(replicas)
+        pipe = self.redis.pipeline(transaction=False)
+        for replica in replicas:
+            pipe.lrange(self.taken_key(api, replica), 0, -1)
+        held = {}
+        for replica, messages in zip(replicas, pipe.execute()):
+            if messages:
+                held[replica] = [_task_id(m) for m in messages]
+        return held
 
     def set_usage(self, api: str, usage: dict[str, dict[str, float]]) -> None:
         """Record CPU and memory use of replicas (replica id -> {"cpu", "rss"})."""
@@ -355,9 +361,9 @@ class Registry:
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
     def forget_replica(self, api: str, replica: str) -> None:
-        """Remove every trace of a replica that is gone (record, usage, in-flight marker)."""
+        """Remove the record and usage of a replica that is gone (after :meth:`recover`)."""
         pipe = self.redis.pipeline()
-        for kind in ("replicas", "usage", "inflight"):
+        for kind in ("replicas", "usage"):
             pipe.hdel(_key(kind, api), replica)
         pipe.execute()
 
@@ -376,61 +382,53 @@ class Registry:
     def forget_api(self, api: str) -> None:
         """Drop the runtime state of a deleted API (its stats and logs stay readable a while)."""
         pipe = self.redis.pipeline()
-        for kind in ("replicas", "usage", "inflight", "failure", "status"):
+        for kind in ("replicas", "usage", "failure", "status"):
             pipe.delete(_key(kind, api))
         pipe.execute()
 
-    def fail_tasks(self, task_ids: set[str], error: str) -> int:
-        """Answer taken tasks with ``error`` and drop them (their replica was killed for a
-        reason that would kill the next one too, e.g. out of memory). Returns how many."""
-        failed = 0
-        for tag, payload, _routing_key in self._unacked(task_ids):
-            if not self.redis.hdel(KOMBU_UNACKED, tag):
-                continue  # acknowledged or restored meanwhile
-            self.redis.zrem(KOMBU_UNACKED_INDEX, tag)
-            reply_to = payload.get("properties", {}).get("reply_to")
-            task_id = payload["headers"]["id"]
-            if reply_to and reply_to.startswith(_key("reply", "")):
-                self.push_reply(reply_to, {"id": task_id, "error": error, "at": time.time()})
-            failed += 1
-        return failed
+    def recover(self, api: str, replica: str, queue: str) -> tuple[int, int]:
+        """Put back what a dead replica held: at the head of ``queue`` (served next), or, for a
+        message whose replica died before, answered with an error (no third try).
 
-    def _unacked(self, task_ids: set[str]) -> list[tuple[bytes, dict[str, Any], str]]:
-        if not task_ids:
-            return []
-        found = []
-        for tag, raw in self.redis.hgetall(KOMBU_UNACKED).items():
-            payload, _exchange, routing_key = json.loads(raw)
-            if payload.get("headers", {}).get("id") in task_ids:
-                found.append((tag, payload, routing_key))
-        return found
-
-    def requeue(self, task_ids: set[str]) -> int:
-        """Put tasks that a lost replica had taken back at the head of their queue.
-
-        kombu's Redis transport keeps a taken message in its ``unacked`` hash until it is
-        acknowledged, and by default restores it only after the hour-long visibility timeout
-        (celery #5935); a replica that vanished with its host will never acknowledge it.
-        Returns how many tasks were requeued.
+        Call it only once the replica's process is gone. Safe to repeat. Returns (requeued,
+        failed).
         """
-        requeued = 0
-        for tag, payload, routing_key in self._unacked(task_ids):
-            payload["headers"]["redelivered"] = True
-            with self.redis.pipeline() as pipe:
-                try:
-                    pipe.watch(KOMBU_UNACKED)
-                    if not pipe.hexists(KOMBU_UNACKED, tag):
-                        continue  # acknowledged or restored meanwhile
-                    pipe.multi()
-                    pipe.zrem(KOMBU_UNACKED_INDEX, tag)
-                    pipe.hdel(KOMBU_UNACKED, tag)
-                    # kombu consumes from the right end (BRPOP): RPUSH serves it next.
-                    pipe.rpush(routing_key, json.dumps(payload))
-                    pipe.execute()
-                    requeued += 1
-                except redis.WatchError:
-                    continue
-        return requeued
+        requeued = failed = 0
+        for payload in self._take_all(self.taken_key(api, replica)):
+            headers = payload.setdefault("headers", {})
+            headers[DEATHS_HEADER] = headers.get(DEATHS_HEADER, 0) + 1
+            if headers[DEATHS_HEADER] >= 2:
+                self._answer_error(payload, (
+                    "the replica died while predicting, and again when the request was retried; "
+                    "the request was not retried a third time"))
+                failed += 1
+            else:
+                headers["redelivered"] = True
+                # kombu and inferq's replicas take from the right end: RPUSH serves it next.
+                self.redis.rpush(queue, json.dumps(payload))
+                requeued += 1
+        return requeued, failed
+
+    def fail_held(self, api: str, replica: str, error: str) -> int:
+        """Answer what a dead replica held with ``error`` instead of retrying it (its death
+        would kill the next replica too, e.g. out of memory). Returns how many."""
+        payloads = self._take_all(self.taken_key(api, replica))
+        for payload in payloads:
+            self._answer_error(payload, error)
+        return len(payloads)
+
+    def _take_all(self, key: str) -> list[dict[str, Any]]:
+        pipe = self.redis.pipeline()  # MULTI: read and empty in one step
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key)
+        raw, _ = pipe.execute()
+        return [json.loads(m) for m in raw]
+
+    def _answer_error(self, payload: dict[str, Any], error: str) -> None:
+        reply_to = payload.get("properties", {}).get("reply_to")
+        task_id = payload.get("headers", {}).get("id")
+        if reply_to and self.is_reply_key(reply_to) and task_id:
+            self.push_reply(reply_to, {"id": task_id, "error": error, "at": time.time()})
 
     # -- logs ---------------------------------------------------------------------------------
 
@@ -563,9 +561,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_END_REQUEST_SCRIPT = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 0
+_ENQUEUE_SCRIPT = """
+local changes = redis.call('GET', KEYS[1]) or '0'
+if changes ~= ARGV[1] then return {-1, tonumber(changes)} end
+local depth = redis.call('LLEN', KEYS[2])
+if depth >= tonumber(ARGV[2]) then return {0, depth} end
+return {1, redis.call('LPUSH', KEYS[2], ARGV[3])}
 """
 
 
@@ -587,6 +588,10 @@ def _check_ownership(deployment: Deployment, current: Any) -> None:
                 )
     if problems:
         raise DeployError("\n".join(problems))
+
+
+def _task_id(message: bytes) -> str:
+    return json.loads(message).get("headers", {}).get("id", "?")
 
 
 def _key(*parts: str) -> str:

@@ -21,7 +21,7 @@ import redis
 from inferq.processes import spawn
 from inferq.registry import Registry
 from inferq.workers.replica import replica_id
-from inferq.workers.worker import EXIT_INIT_FAILED
+from inferq.workers.supervisor import EXIT_INIT_FAILED
 
 LOG_FLUSH_SECONDS = 0.2
 

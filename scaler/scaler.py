@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import redis
 
 from inferq.configs import format_mem
+from inferq.processes import pid_alive, wait_until
 from inferq.registry import DeployedApi, Registry
 from inferq.scaler.decide import Autoscaler, Load, place
 from inferq.scaler.host import Capacity, Nvml, ProcessTreeSampler
 from inferq.scaler.replicas import LogPump, ReplicaProcess, start_replica
 from inferq.scaler.status import judge
-from inferq.workers.app import queue_name
+from inferq.workers.messages import queue_name
 
 log = logging.getLogger("inferq.scaler")
 
@@ -196,8 +197,7 @@ class Scaler:
     def _load(self, api: str, records: list[dict]) -> Load:
         live = [r["id"] for r in records if r["status"] == "live"]
         usage = self.registry.usage(api)
-        ids = {r["id"] for r in records}
-        in_flight = sum(1 for r in self.registry.in_flight(api) if r in ids)
+        in_flight = len(self.registry.in_flight(api, [r["id"] for r in records]))
         return Load(
             queued=self.registry.queue_length(queue_name(api)),
             in_flight=in_flight,
@@ -209,16 +209,13 @@ class Scaler:
     def _forget_host(self, host: str, deployed: dict[str, DeployedApi],
                      why: str = "stopped beating") -> None:
         """A host is gone: requeue what its replicas held and forget them."""
-        lost_tasks: set[str] = set()
-        for name in deployed:
-            in_flight = self.registry.in_flight(name)
+        requeued = 0
+        for name in set(deployed) | set(self.registry.apis_with_replicas()):
             for record in self.registry.replicas(name):
                 if record.get("host") == host:
-                    if record["id"] in in_flight:
-                        lost_tasks.add(in_flight[record["id"]])
+                    requeued += self.registry.recover(name, record["id"], queue_name(name))[0]
                     self.registry.forget_replica(name, record["id"])
             self.registry.clear_failure(name, host)
-        requeued = self.registry.requeue(lost_tasks)
         self.registry.remove_host(host)
         if requeued or why == "stopped beating":
             log.warning("host %s %s: its replicas are placed again (%d request(s) requeued)",
@@ -252,7 +249,7 @@ class Scaler:
                 self.registry.clear_failure(name, self.host)
                 self.failed_here.discard(name)
         if len(current) > target:
-            busy = self.registry.in_flight(name)
+            busy = self.registry.in_flight(name, [r.id for r in current])
             # Stop replicas still starting first, then idle ones, then the newest.
             ranked = sorted(
                 current,
@@ -323,11 +320,12 @@ class Scaler:
                 if replica.stopping and now - replica.stopping_since > grace:
                     replica.kill()  # a warm shutdown that hangs past any request's timeout
                 continue
-            self.replicas.remove(replica)
-            self.sampler.forget(replica.pid)
             record = next(
                 (r for r in self.registry.replicas(replica.api) if r["id"] == replica.id), {}
             )
+            self._recover(replica, record)  # first: a broker error retries it next tick
+            self.replicas.remove(replica)
+            self.sampler.forget(replica.pid)
             self.registry.forget_replica(replica.api, replica.id)
             if replica.api not in deployed:
                 self._forget_if_drained(replica.api)
@@ -339,6 +337,26 @@ class Scaler:
             self.registry.set_failure(replica.api, self.host, kind, message)
             self.failed_here.add(replica.api)
             log.error('api "%s": %s; next replica in %.0fs', replica.api, message, delay)
+
+    def _recover(self, replica: ReplicaProcess, record: dict) -> None:
+        """Put back what a replica that exited held (its supervisor does it unless it was
+        killed itself), once its serving process is gone too."""
+        replica.kill()  # the serving process, if it outlived its supervisor a moment
+        serving = record.get("pid")
+        if serving and serving != replica.pid:
+            try:
+                wait_until(lambda: not pid_alive(serving), 5, interval=0.01,
+                           what=f"process {serving} gone")
+            except TimeoutError:
+                log.error("replica %s: its serving process %s does not die", replica.id, serving)
+                return
+        if replica.oom:
+            return  # its requests were answered when it was killed
+        requeued, failed = self.registry.recover(replica.api, replica.id, queue_name(replica.api))
+        if requeued or failed:
+            log.warning('api "%s": replica %s died holding %d request(s): %d put back, '
+                        "%d answered with an error", replica.api, replica.id,
+                        requeued + failed, requeued, failed)
 
     def _forget_if_drained(self, name: str) -> None:
         if not any(r.api == name for r in self.replicas) and not self.registry.replicas(name):
@@ -375,12 +393,10 @@ class Scaler:
                 replica.oom = True
                 replica.kill()
                 # Retrying the request would likely kill the next replica too: answer it.
-                task = self.registry.in_flight(replica.api).get(replica.id)
-                if task:
-                    self.registry.fail_tasks({task}, (
-                        f"the replica ran out of memory while predicting (it used "
-                        f"{format_mem(sample.rss)}, over its mem request {format_mem(mem)})"
-                    ))
+                self.registry.fail_held(replica.api, replica.id, (
+                    f"the replica ran out of memory while predicting (it used "
+                    f"{format_mem(sample.rss)}, over its mem request {format_mem(mem)})"
+                ))
         for api, values in usage.items():
             self.registry.set_usage(api, values)
 

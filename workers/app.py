@@ -1,27 +1,16 @@
 """The Celery side of inferq, configured in one place.
 
-Every API has its own queue, :func:`queue_name`; every replica consumes only its API's queue
-and runs the one task :data:`TASK_NAME` with the message format::
-
-    send_task("inferq.predict", args=[sample], kwargs={"debug": False}, queue="inferq.<api>")
-
-``sample`` is the parsed JSON payload; the task's result is the prediction (JSON). Plain
-Celery clients get it from the result backend (the same Redis, results expire after an
-hour). inferq's own clients (gateway, ``inferq.Client``) pass ``reply_to=<reply list>`` and
-``ignore_result=True`` and get the reply pushed to them instead (see ``inferq.replies``).
+Every API has its own queue; every replica consumes only its API's queue and runs the one
+task ``inferq.predict`` (the message format: ``inferq.workers.messages``). Plain Celery
+clients get the prediction from the result backend (the same Redis, results expire after an
+hour); inferq's own clients (gateway, ``inferq.Client``) get it pushed to their reply list.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-TASK_NAME = "inferq.predict"
 RESULT_EXPIRES_SECONDS = 3600
-
-
-def queue_name(api_name: str) -> str:
-    """The Celery queue of an API (API names are unique across deployments)."""
-    return f"inferq.{api_name}"
 
 
 def make_app(broker_url: str) -> Celery:
@@ -34,10 +23,9 @@ def make_app(broker_url: str) -> Celery:
     - ``acks_late`` + prefetch 1 + ``worker_disable_prefetch``: a replica holds only the task
       it runs, so queued work stays visible in the queue (to the scaler) and a new replica
       takes it at once (celery #1933, #6500).
-    - ``retry_on_worker_lost`` with ``max_retries=1`` (set on the task): when the pool child
-      running a prediction dies (SIGKILL, OOM), the worker's main process re-sends the task at
-      once instead of waiting for Redis's visibility timeout; if the retry kills its replica
-      too, the task fails for good (no retry storm) and the caller gets an error.
+    - ``solo`` pool, concurrency 1: one request at a time, in the process that loaded the
+      predictor. When that process dies its supervisor puts back what it held
+      (``inferq.workers.supervisor``): no visibility timeout to wait for.
     """
     app = Celery("inferq", broker=broker_url, backend=broker_url, set_as_current=False)
     app.conf.update(
@@ -48,12 +36,10 @@ def make_app(broker_url: str) -> Celery:
         event_serializer="json",
         task_acks_late=True,
         task_acks_on_failure_or_timeout=True,
-        task_reject_on_worker_lost=True,
-        task_retry_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         worker_concurrency=1,
-        worker_pool="prefork",
+        worker_pool="solo",
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,

@@ -76,8 +76,8 @@ def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
     deployed = resolve(api_name, registry)
     registry.set_replica(
         api_name, replica, status="creating", host=stack.host_name(),
-        pid=os.getpid(),  # the process that predicts (the worker's pool child)
-        replica_pid=os.getppid(),  # the worker's main process: the replica itself
+        pid=os.getpid(),  # the process that predicts (the serving process)
+        replica_pid=os.getppid(),  # its supervisor: the replica itself
         version=deployed.version, error=None,
     )
     try:
