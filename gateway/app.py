@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from flask import Flask, Response, request
@@ -32,6 +31,7 @@ from inferq.errors import (
     PredictionError,
     PredictionTimeout,
     QueueFull,
+    RequestWithdrawn,
     UnknownAPI,
 )
 from inferq.registry import DeployedApi
@@ -39,7 +39,6 @@ from inferq.registry import DeployedApi
 log = logging.getLogger("inferq.gateway")
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
-DISCONNECT_CHECK_SECONDS = 0.5
 API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
@@ -178,43 +177,35 @@ def _serve(client: Client, deployed: DeployedApi, endpoint: str, routes: Routes)
     except ValueError as exc:
         return _json({"error": f"the request body is not JSON: {exc}", "api": name}, 400)
     debug = request.args.get("debug", "").lower() in ("1", "true", "yes")
+    disconnected = request.environ.get("waitress.client_disconnected")
+    still_wanted = (lambda: not disconnected()) if disconnected is not None else None
     try:
         try:
-            future = client.submit(name, sample, debug=debug, endpoint=endpoint)
+            prediction = client.predict(name, sample, debug=debug, endpoint=endpoint,
+                                        still_wanted=still_wanted)
         except UnknownAPI:  # deleted or moved since the lookup: route again, afresh
             moved = routes.find(endpoint, fresh=True)
             if moved is None:
                 return _not_found(endpoint, routes)
             name = moved.name
             request.environ["inferq.api"] = name
-            future = client.submit(name, sample, debug=debug, endpoint=endpoint)
+            prediction = client.predict(name, sample, debug=debug, endpoint=endpoint,
+                                        still_wanted=still_wanted)
     except UnknownAPI as exc:
         return _json({"error": str(exc)}, 404)
-    except PredictionError as exc:  # a sample JSON cannot carry on (NaN, Infinity)
-        return _json({"error": exc.reason, "api": name}, 400)
     except QueueFull as exc:
         return _json({"error": str(exc), "api": name}, 503, retry_after=exc.retry_after)
     except BrokerUnavailable as exc:
         return _json({"error": str(exc), "api": name}, 503, retry_after=1)
-    return _await(client, future, name)
-
-
-def _await(client: Client, future: Any, name: str) -> Response:
-    """Wait for the reply; withdraw the request if the HTTP client goes away first."""
-    disconnected = request.environ.get("waitress.client_disconnected")
-    while True:
-        try:
-            prediction = future.result(timeout=DISCONNECT_CHECK_SECONDS)
-        except FutureTimeout:
-            if disconnected is not None and disconnected():
-                client.cancel(future)
-                return _json({"error": "the client went away", "api": name}, 499)
-            continue
-        except PredictionTimeout as exc:
-            return _json({"error": f"timeout: {exc.reason}", "api": name}, 504)
-        except PredictionError as exc:
-            return _json({"error": f"prediction failed: {exc.reason}", "api": name}, 500)
-        return Response(_dumps(prediction), 200, mimetype="application/json")
+    except RequestWithdrawn:
+        return _json({"error": "the client went away", "api": name}, 499)
+    except PredictionTimeout as exc:
+        return _json({"error": f"timeout: {exc.reason}", "api": name}, 504)
+    except PredictionError as exc:
+        if exc.index is None and "cannot be sent as JSON" in exc.reason:
+            return _json({"error": exc.reason, "api": name}, 400)  # NaN, Infinity
+        return _json({"error": f"prediction failed: {exc.reason}", "api": name}, 500)
+    return Response(_dumps(prediction), 200, mimetype="application/json")
 
 
 def _error(message: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Self
@@ -34,6 +34,7 @@ from inferq.errors import (
     PredictionError,
     PredictionTimeout,
     QueueFull,
+    RequestWithdrawn,
     UnknownAPI,
 )
 from inferq.registry import DeployedApi, Registry
@@ -41,6 +42,8 @@ from inferq.workers import messages
 from inferq.workers.messages import queue_name
 
 log = logging.getLogger("inferq.client")
+
+POLL_SECONDS = 0.5  # how often a waiting predict() asks whether its caller still wants it
 
 
 @dataclass
@@ -125,7 +128,7 @@ class _Replies:
                 if waiter is not None:
                     expired.append(waiter)
         for waiter in expired:
-            _withdraw(self._registry, waiter)
+            _withdraw(self._registry, waiter.queue, waiter.message)
             waiter.future.set_exception(
                 PredictionTimeout(
                     f"no replica answered within {waiter.future.timeout:g}s (the request was "
@@ -136,11 +139,11 @@ class _Replies:
             )
 
 
-def _withdraw(registry: Registry, waiter: _Waiter) -> None:
+def _withdraw(registry: Registry, queue: str, message: str) -> None:
     """Take a request nobody waits for off its queue, if no replica took it yet (one that
     did drops it: the message expires with its caller's deadline)."""
     try:
-        registry.withdraw(waiter.queue, waiter.message)
+        registry.withdraw(queue, message)
     except redis.RedisError:
         pass  # it expires on its own
 
@@ -170,9 +173,40 @@ class Client:
     # -- public API ---------------------------------------------------------------------------
 
     def predict(self, api: str, sample: Any, *, debug: bool = False,
-                timeout: float | None = None) -> Any:
-        """Predict one sample and return the prediction; raise :class:`PredictionError`."""
-        return self.submit(api, sample, debug=debug, timeout=timeout).result()
+                timeout: float | None = None, endpoint: str | None = None,
+                still_wanted: Callable[[], bool] | None = None) -> Any:
+        """Predict one sample and return the prediction; raise :class:`PredictionError`
+        (:class:`PredictionTimeout` after the API's ``compute.timeout``, or ``timeout``).
+
+        The calling thread waits on a reply list of this request's own: queueing and the
+        first wait for the reply are one Redis round trip, and no other thread is involved.
+        ``still_wanted`` (the gateway: is the HTTP client still there?) is asked every half
+        second; when it says no, the request is withdrawn and :class:`RequestWithdrawn` raised.
+        With ``endpoint`` (the gateway), :class:`UnknownAPI` also when the API moved.
+        """
+        deployed = self._deployed(api)
+        timeout = deployed.api.compute.timeout if timeout is None else timeout
+        task_id = uuid.uuid4().hex
+        reply_to = Registry.reply_key(f"{self.id}:{task_id}")
+        queue = queue_name(api)
+        message = self._encode(api, task_id, sample, queue, reply_to, timeout, debug, None)
+        deadline = time.monotonic() + timeout
+        reply = self._call(deployed, queue, message, reply_to, endpoint, deadline)
+        while reply is None:
+            remaining = deadline - time.monotonic()
+            wanted = still_wanted is None or still_wanted()
+            if remaining <= 0 or not wanted:
+                _withdraw(self.registry, queue, message)
+                if not wanted:
+                    raise RequestWithdrawn(f'api "{api}": the caller went away; the request was '
+                                           "withdrawn")
+                raise PredictionTimeout(
+                    f"no replica answered within {timeout:g}s (the request was withdrawn and "
+                    "will not run later)", api=api)
+            reply = self._wait_reply(reply_to, min(remaining, POLL_SECONDS))
+        if "error" in reply:
+            raise PredictionError(reply["error"], api=api)
+        return reply.get("result")
 
     def submit(self, api: str, sample: Any, *, debug: bool = False, timeout: float | None = None,
                index: int | None = None, endpoint: str | None = None) -> Future:
@@ -188,14 +222,7 @@ class Client:
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         task_id = uuid.uuid4().hex
         queue = queue_name(api)
-        try:
-            # The message expires with the caller's deadline, so no replica can start it
-            # after the caller was told it timed out.
-            message = messages.encode(task_id, sample, queue=queue, reply_to=self.reply_key,
-                                      expires_at=time.time() + timeout, debug=bool(debug))
-        except (TypeError, ValueError) as exc:
-            raise PredictionError(f"the sample cannot be sent as JSON: {exc}", api=api,
-                                  index=index) from None
+        message = self._encode(api, task_id, sample, queue, self.reply_key, timeout, debug, index)
         waiter = _Waiter(Future(), api, index, queue, message)
         self._replies.expect(task_id, waiter, timeout)
         try:
@@ -213,7 +240,7 @@ class Client:
             return
         waiter = self._replies.forget(task_id)
         if waiter is not None:
-            _withdraw(self.registry, waiter)
+            _withdraw(self.registry, waiter.queue, waiter.message)
 
     def map(self, api: str, samples: Iterable[Any], *, progress: bool = False,
             window: int = 64, timeout: float | None = None) -> Iterator[Any]:
@@ -276,6 +303,46 @@ class Client:
             bar.update(1)
         return result
 
+    @staticmethod
+    def _encode(api: str, task_id: str, sample: Any, queue: str, reply_to: str, timeout: float,
+                debug: bool, index: int | None) -> str:
+        try:
+            # The message expires with the caller's deadline, so no replica can start it
+            # after the caller was told it timed out.
+            return messages.encode(task_id, sample, queue=queue, reply_to=reply_to,
+                                   expires_at=time.time() + timeout, debug=bool(debug))
+        except (TypeError, ValueError) as exc:
+            raise PredictionError(f"the sample cannot be sent as JSON: {exc}", api=api,
+                                  index=index) from None
+
+    def _call(self, deployed: DeployedApi, queue: str, message: str, reply_to: str,
+              endpoint: str | None, deadline: float) -> dict[str, Any] | None:
+        """Queue ``message`` and wait a first moment for its reply, in one round trip."""
+        def send(changes: int, limit: int) -> tuple[str, int, dict[str, Any] | None]:
+            wait = max(0.01, min(deadline - time.monotonic(), POLL_SECONDS))
+            try:
+                return self.registry.call(queue, message, reply_to, wait, changes=changes,
+                                          limit=limit)
+            except redis.ConnectionError as exc:
+                if "connecting" in str(exc):  # nothing was sent
+                    raise BrokerUnavailable(
+                        f"cannot queue the request: the broker is unreachable ({exc})") from None
+                # Sent, maybe queued: wait for its reply (the broker may be back soon).
+                log.warning("the broker connection broke while queueing (%s); waiting", exc)
+                return "queued", 0, None
+            except redis.RedisError as exc:
+                raise BrokerUnavailable(
+                    f"cannot queue the request: the broker is unreachable ({exc})") from None
+
+        return self._admitted(deployed, endpoint, send)
+
+    def _wait_reply(self, reply_to: str, wait: float) -> dict[str, Any] | None:
+        try:
+            return self.registry.wait_reply(reply_to, wait)
+        except redis.RedisError:
+            time.sleep(min(wait, 0.2))  # the broker is away: the reply waits in its list
+            return None
+
     def _deployed(self, api: str) -> DeployedApi:
         """The API as this client knows it (checked against the registry when queueing)."""
         deployed = self._apis.get(api)
@@ -286,16 +353,28 @@ class Client:
     def _enqueue(self, deployed: DeployedApi, queue: str, message: str,
                  endpoint: str | None) -> None:
         """Queue ``message`` in one round trip, unless the API is gone or its queue full."""
-        limit = deployed.api.compute.max_queue_length
-        for _ in range(3):  # deploys racing the request: re-check what changed and retry
+        def send(changes: int, limit: int) -> tuple[str, int, None]:
             try:
-                outcome, value = self.registry.enqueue(queue, message, changes=self._changes,
+                outcome, value = self.registry.enqueue(queue, message, changes=changes,
                                                        limit=limit)
             except redis.RedisError as exc:
                 raise BrokerUnavailable(
                     f"cannot queue the request: the broker is unreachable ({exc})") from None
+            return outcome, value, None
+
+        self._admitted(deployed, endpoint, send)
+
+    def _admitted(self, deployed: DeployedApi, endpoint: str | None, send: Callable) -> Any:
+        """``send(changes, limit)`` until the registry admits it; what it returned last.
+
+        "stale": something was deployed or deleted since this client read the APIs: read them
+        again and decide again (UnknownAPI when the API is gone, or moved off ``endpoint``).
+        """
+        for _ in range(3):
+            limit = deployed.api.compute.max_queue_length
+            outcome, value, reply = send(self._changes, limit)
             if outcome == "queued":
-                return
+                return reply
             if outcome == "full":
                 raise QueueFull(
                     f'api "{deployed.name}": its queue holds {value} requests, the limit is '
@@ -306,7 +385,6 @@ class Client:
             if endpoint is not None and deployed.api.endpoint != endpoint:
                 raise UnknownAPI(f'api "{deployed.name}" moved from {endpoint} to '
                                  f"{deployed.api.endpoint}")
-            limit = deployed.api.compute.max_queue_length
         raise BrokerUnavailable("the deployed APIs keep changing; retry")
 
     def _lookup(self, api: str, apis: dict[str, DeployedApi]) -> DeployedApi:

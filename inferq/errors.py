@@ -62,6 +62,10 @@ class PredictionTimeout(PredictionError):
     """No replica answered within the API's timeout."""
 
 
+class RequestWithdrawn(InferqError):
+    """A request was taken off its queue because its caller went away."""
+
+
 class QueueFull(InferqError):
     """The API's queue holds more requests than its ``max_queue_length``."""
 

@@ -253,7 +253,29 @@ class Registry:
         caller re-reads the APIs (something was deployed or deleted) and decides again.
         """
         code, value = self._enqueue(keys=[_key("changes"), queue], args=[changes, limit, message])
-        return {1: "queued", 0: "full", -1: "stale"}[int(code)], int(value)
+        return _OUTCOMES[int(code)], int(value)
+
+    def call(self, queue: str, message: str, reply_to: str, wait: float, *, changes: int,
+             limit: int) -> tuple[str, int, dict[str, Any] | None]:
+        """:meth:`enqueue`, then wait up to ``wait`` seconds for the reply on ``reply_to`` (a
+        list of this request's own), in ONE round trip: Redis runs the script and then the
+        BLPOP on the same connection. A refused request pushes its own outcome to the list,
+        so the BLPOP returns at once. Returns (outcome, value, the reply or None).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        # EVAL, not EVALSHA: a pipeline cannot recover from NOSCRIPT after a broker restart
+        # without a second round trip; Redis caches the compiled script by its hash anyway.
+        pipe.eval(_ENQUEUE_SCRIPT, 3, _key("changes"), queue, reply_to, changes, limit, message)
+        pipe.blpop([reply_to], timeout=wait)
+        (code, value), popped = pipe.execute()
+        outcome = _OUTCOMES[int(code)]
+        reply = json.loads(popped[1]) if popped is not None and outcome == "queued" else None
+        return outcome, int(value), reply
+
+    def wait_reply(self, reply_to: str, wait: float) -> dict[str, Any] | None:
+        """The reply on ``reply_to`` (a list of one request's own), waiting up to ``wait`` s."""
+        popped = self.redis.blpop([reply_to], timeout=wait)
+        return json.loads(popped[1]) if popped is not None else None
 
     def withdraw(self, queue: str, message: str) -> bool:
         """Remove a message no replica has taken yet; False when it was taken already."""
@@ -561,13 +583,19 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS: the change counter, the queue, [the request's reply list]; ARGV: changes, limit, message.
+# A refused request with a reply list gets a marker there, so a BLPOP behind it returns at once.
 _ENQUEUE_SCRIPT = """
 local changes = redis.call('GET', KEYS[1]) or '0'
-if changes ~= ARGV[1] then return {-1, tonumber(changes)} end
+local refused = nil
 local depth = redis.call('LLEN', KEYS[2])
-if depth >= tonumber(ARGV[2]) then return {0, depth} end
-return {1, redis.call('LPUSH', KEYS[2], ARGV[3])}
+if changes ~= ARGV[1] then refused = {-1, tonumber(changes)}
+elseif depth >= tonumber(ARGV[2]) then refused = {0, depth} end
+if refused == nil then return {1, redis.call('LPUSH', KEYS[2], ARGV[3])} end
+if KEYS[3] then redis.call('RPUSH', KEYS[3], 'refused'); redis.call('EXPIRE', KEYS[3], 60) end
+return refused
 """
+_OUTCOMES = {1: "queued", 0: "full", -1: "stale"}
 
 
 def _check_ownership(deployment: Deployment, current: Any) -> None:
