@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib.util
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from harness import BASELINE_ENDPOINT, Run, load, serve_baseline  # bench/
 
 from inferq.deploy import deploy
 from inferq.processes import spawn, stop, wait_until
@@ -66,102 +63,7 @@ def predict(sample, metadata):
 """
 
 ENDPOINT = "/bench/trivial"
-BASELINE_ENDPOINT = "/predict"
-
-
-# -- load generator ----------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """Latencies (seconds) of one load run and its wall time."""
-
-    latencies: list[float]
-    seconds: float
-    errors: int
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies) / self.seconds
-
-    def percentile(self, p: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-def load(port: int, path: str, requests: int, clients: int, warmup: int = 50) -> Run:
-    """``requests`` POSTs from ``clients`` threads, each on its own keep-alive connection."""
-    body = json.dumps({"x": 21}).encode()
-    headers = {"Content-Type": "application/json"}
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    remaining = [requests]
-    start = threading.Barrier(clients + 1)
-
-    def call(connection: http.client.HTTPConnection) -> float:
-        began = time.perf_counter()
-        connection.request("POST", path, body=body, headers=headers)
-        response = connection.getresponse()
-        answer = response.read()
-        took = time.perf_counter() - began
-        if response.status != 200 or json.loads(answer) != {"prediction": 42}:
-            with lock:
-                errors[0] += 1
-        return took
-
-    def client(warm: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            for _ in range(warm):
-                call(connection)
-            start.wait()
-            while True:
-                with lock:
-                    if remaining[0] <= 0:
-                        return
-                    remaining[0] -= 1
-                took = call(connection)
-                with lock:
-                    latencies.append(took)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=client, args=(max(1, warmup // clients),))
-               for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    start.wait()
-    began = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return Run(latencies, time.perf_counter() - began, errors[0])
-
-
-# -- the baseline server -----------------------------------------------------------------------
-
-
-def serve_baseline(port: int, project: Path) -> None:
-    """Cortex v0.11's way: the predictor imported in the server, called in a Flask handler."""
-    from flask import Flask, jsonify, request
-    from waitress import serve
-
-    spec = importlib.util.spec_from_file_location("predictor", project / "predictor.py")
-    predictor = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(predictor)
-    predictor.init(None, {})
-    app = Flask("baseline")
-
-    @app.route(BASELINE_ENDPOINT, methods=["POST"])
-    def predict():
-        sample = request.get_json(force=True)
-        return jsonify(predictor.predict(sample, {}))
-
-    @app.route("/healthz")
-    def healthz():
-        return "ok"
-
-    serve(app, host="127.0.0.1", port=port, threads=4, _quiet=True)
+SAMPLE, EXPECTED = {"x": 21}, {"prediction": 42}
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -270,12 +172,13 @@ def _cpu(pid: int) -> float:
     return times.user + times.system
 
 
-def measure(bench: Bench, label: str, profile: dict, *load_args) -> Run:
+def measure(bench: Bench, label: str, profile: dict, port: int, path: str, requests: int,
+            clients: int) -> Run:
     """One load run, recording the CPU milliseconds per request of every process."""
     before = bench.cpu_seconds()
-    run = load(*load_args)
+    run = load(port, path, SAMPLE, EXPECTED, requests=requests, clients=clients)
     after = bench.cpu_seconds()
-    count = len(run.latencies)
+    count = run.count
     profile[label] = {name: (after[name] - before.get(name, 0.0)) * 1000 / count
                       for name in after if after[name] - before.get(name, 0.0) > 0.00001 * count}
     return run
