@@ -242,19 +242,60 @@ class Client:
         if waiter is not None:
             _withdraw(self.registry, waiter.queue, waiter.message)
 
+    def submit_batch(self, api: str, samples: list[Any], *, first_index: int = 0,
+                     debug: bool = False, timeout: float | None = None) -> list[Future]:
+        """Queue ``samples`` as ONE message; return one future per sample, in order.
+
+        The replica predicts them together (``predict_batch`` when the predictor defines it)
+        and answers each on its own: a failed sample's future raises :class:`PredictionError`
+        naming its index (``first_index`` + its position), the others get their predictions.
+        """
+        deployed = self._deployed(api)
+        timeout = deployed.api.compute.timeout if timeout is None else timeout
+        queue = queue_name(api)
+        expires_at = time.time() + timeout
+        ids = [uuid.uuid4().hex for _ in samples]
+        try:
+            message = messages.encode_batch(
+                uuid.uuid4().hex, list(samples), [(self.reply_key, i, expires_at) for i in ids],
+                queue=queue, debug=bool(debug))
+        except (TypeError, ValueError) as exc:
+            raise PredictionError(f"a sample cannot be sent as JSON: {exc}", api=api,
+                                  index=first_index) from None
+        futures = []
+        for position, request_id in enumerate(ids):
+            waiter = _Waiter(Future(), api, first_index + position, queue, message)
+            self._replies.expect(request_id, waiter, timeout)
+            futures.append(waiter.future)
+        try:
+            self._enqueue(deployed, queue, message, None, extra=len(samples) - 1)
+        except BaseException:
+            for request_id in ids:
+                self._replies.forget(request_id)
+            raise
+        for request_id, future in zip(ids, futures):
+            future.task_id = request_id  # type: ignore[attr-defined]
+        return futures
+
     def map(self, api: str, samples: Iterable[Any], *, progress: bool = False,
-            window: int = 64, timeout: float | None = None) -> Iterator[Any]:
+            batch_size: int = 64, window: int = 512,
+            timeout: float | None = None) -> Iterator[Any]:
         """Predict every sample; yield the predictions in input order.
 
-        At most ``window`` requests are in flight at any time and results are yielded as soon
-        as they are next in order, so a million samples never mean a million queued messages
-        or results held at once. ``samples`` may be a generator. The first failed sample
-        raises :class:`PredictionError` naming the API, the sample's index and the message.
+        Samples travel ``batch_size`` to a message (1: one message each), and at most
+        ``window`` samples are in flight at any time (at least one batch); results are yielded
+        as soon as they are next in order, so a million samples never mean a million queued
+        messages or results held at once. ``samples`` may be a generator. The first failed
+        sample raises :class:`PredictionError` naming the API, the sample's index and the
+        message.
         """
         self._deployed(api)  # an unknown API fails before anything is queued
+        if batch_size < 1 or window < 1:
+            raise ValueError(f"batch_size and window must be at least 1, got {batch_size}, "
+                             f"{window}")
         total = len(samples) if hasattr(samples, "__len__") else None
         bar = _progress_bar(api, total) if progress else None
-        return self._map(api, iter(samples), bar, max(1, window), timeout)
+        return self._map(api, iter(samples), bar, batch_size, max(window, batch_size), timeout)
 
     def close(self) -> None:
         self._replies.close()
@@ -268,15 +309,19 @@ class Client:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _map(self, api: str, samples: Iterator[Any], bar: Any, window: int,
+    def _map(self, api: str, samples: Iterator[Any], bar: Any, batch_size: int, window: int,
              timeout: float | None) -> Iterator[Any]:
         in_flight: deque[Future] = deque()
-        counter = itertools.count()
+        sent = 0
         try:
-            for index, sample in zip(counter, samples):
-                in_flight.append(self._submit_waiting(api, sample, index, timeout))
-                if len(in_flight) >= window:
+            while True:
+                batch = list(itertools.islice(samples, batch_size))
+                if not batch:
+                    break
+                while in_flight and len(in_flight) + len(batch) > window:
                     yield self._next_in_order(in_flight, bar)
+                in_flight.extend(self._submit_waiting(api, batch, sent, timeout))
+                sent += len(batch)
             while in_flight:
                 yield self._next_in_order(in_flight, bar)
         finally:
@@ -285,12 +330,15 @@ class Client:
             if bar is not None:
                 bar.close()
 
-    def _submit_waiting(self, api: str, sample: Any, index: int, timeout: float | None) -> Future:
+    def _submit_waiting(self, api: str, batch: list[Any], first_index: int,
+                        timeout: float | None) -> list[Future]:
         """Submit, waiting (not failing) while the API's queue is full."""
         delay = 0.05
         while True:
             try:
-                return self.submit(api, sample, index=index, timeout=timeout)
+                if len(batch) == 1:
+                    return [self.submit(api, batch[0], index=first_index, timeout=timeout)]
+                return self.submit_batch(api, batch, first_index=first_index, timeout=timeout)
             except QueueFull:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -351,12 +399,12 @@ class Client:
         return deployed
 
     def _enqueue(self, deployed: DeployedApi, queue: str, message: str,
-                 endpoint: str | None) -> None:
+                 endpoint: str | None, *, extra: int = 0) -> None:
         """Queue ``message`` in one round trip, unless the API is gone or its queue full."""
         def send(changes: int, limit: int) -> tuple[str, int, None]:
             try:
                 outcome, value = self.registry.enqueue(queue, message, changes=changes,
-                                                       limit=limit)
+                                                       limit=limit, extra=extra)
             except redis.RedisError as exc:
                 raise BrokerUnavailable(
                     f"cannot queue the request: the broker is unreachable ({exc})") from None

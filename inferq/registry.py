@@ -16,6 +16,8 @@ Keys (all under ``inferq:``):
 ``stats:<api>``                hash: request counts by status class, latency sum
 ``tracker:<api>``              hash: tracked predictions (``class:<label>`` counts, or
                                ``count``, ``sum``, ``min``, ``max`` of regression values)
+``extra:<queue>``              samples queued beyond one per message (batch messages), so the
+                               queue's sample count is LLEN + this
 ``taken:<api>:<replica>``      list: the message a replica took and has not answered yet
                                (it takes with BLMOVE into this list: see inferq.workers.transport)
 ``usage:<api>``                hash: replica id -> JSON cpu (millicores) and rss (bytes)
@@ -42,6 +44,7 @@ import redis
 
 from inferq.configs import Api, Deployment
 from inferq.errors import BrokerUnavailable, DeployError
+from inferq.workers.messages import extra_samples
 
 PREFIX = "inferq:"
 REPLY_TTL_SECONDS = 300  # a reply nobody collects is gone after this
@@ -245,15 +248,33 @@ class Registry:
         """A number that grows with every deploy and delete (for cheap change detection)."""
         return int(self.redis.get(_key("changes")) or 0)
 
-    def enqueue(self, queue: str, message: str, *, changes: int, limit: int) -> tuple[str, int]:
-        """Push ``message`` on ``queue`` if the deployed APIs are still as of ``changes`` and the
-        queue holds fewer than ``limit`` messages, in one round trip.
+    def enqueue(self, queue: str, message: str, *, changes: int, limit: int,
+                extra: int = 0) -> tuple[str, int]:
+        """Push ``message`` (of ``1 + extra`` samples) on ``queue`` if the deployed APIs are
+        still as of ``changes`` and the queue has room for it under ``limit`` samples (an empty
+        queue takes any one message), in one round trip.
 
-        Returns ("queued", depth), ("full", depth) or ("stale", current changes) — then the
-        caller re-reads the APIs (something was deployed or deleted) and decides again.
+        Returns ("queued", samples queued), ("full", samples queued) or ("stale", current
+        changes) — then the caller re-reads the APIs (something was deployed or deleted) and
+        decides again.
         """
-        code, value = self._enqueue(keys=[_key("changes"), queue], args=[changes, limit, message])
+        code, value = self._enqueue(keys=[_key("changes"), queue, self.extra_key(queue)],
+                                    args=[changes, limit, message, extra])
         return _OUTCOMES[int(code)], int(value)
+
+    @staticmethod
+    def extra_key(queue: str) -> str:
+        """The counter of samples queued on ``queue`` beyond one per message."""
+        return _key("extra", queue)
+
+    def queued_samples(self, queue: str) -> int:
+        """Samples waiting on ``queue`` and held by its replicas (batch messages count each
+        sample; see :meth:`in_flight_samples` for the held ones)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(queue)
+        pipe.get(self.extra_key(queue))
+        length, extra = pipe.execute()
+        return int(length) + max(0, int(extra or 0))
 
     def call(self, queue: str, message: str, reply_to: str, wait: float, *, changes: int,
              limit: int) -> tuple[str, int, dict[str, Any] | None]:
@@ -265,7 +286,8 @@ class Registry:
         pipe = self.redis.pipeline(transaction=False)
         # EVAL, not EVALSHA: a pipeline cannot recover from NOSCRIPT after a broker restart
         # without a second round trip; Redis caches the compiled script by its hash anyway.
-        pipe.eval(_ENQUEUE_SCRIPT, 3, _key("changes"), queue, reply_to, changes, limit, message)
+        pipe.eval(_ENQUEUE_SCRIPT, 4, _key("changes"), queue, self.extra_key(queue), reply_to,
+                  changes, limit, message, 0)
         pipe.blpop([reply_to], timeout=wait)
         (code, value), popped = pipe.execute()
         outcome = _OUTCOMES[int(code)]
@@ -279,7 +301,11 @@ class Registry:
 
     def withdraw(self, queue: str, message: str) -> bool:
         """Remove a message no replica has taken yet; False when it was taken already."""
-        return bool(self.redis.lrem(queue, 1, message))
+        removed = bool(self.redis.lrem(queue, 1, message))
+        extra = extra_samples(json.loads(message)) if removed else 0
+        if extra:
+            self.redis.decrby(self.extra_key(queue), extra)
+        return removed
 
     def queue_length(self, queue: str) -> int:
         return int(self.redis.llen(queue))
@@ -363,15 +389,22 @@ class Registry:
     def in_flight(self, api: str, replicas: Iterable[str] | None = None) -> dict[str, list[str]]:
         """Replica id -> ids of the tasks it holds now (taken, not answered), for ``replicas``
         (default: every replica with a record)."""
+        return {replica: [m.get("headers", {}).get("id", "?") for m in held]
+                for replica, held in self._held(api, replicas).items()}
+
+    def in_flight_samples(self, api: str, replicas: Iterable[str]) -> tuple[int, int]:
+        """(samples the ``replicas`` hold now, how many of them are beyond one per message)."""
+        held = [m for messages in self._held(api, replicas).values() for m in messages]
+        extra = sum(extra_samples(m) for m in held)
+        return len(held) + extra, extra
+
+    def _held(self, api: str, replicas: Iterable[str] | None) -> dict[str, list[dict]]:
         replicas = [r["id"] for r in self.replicas(api)] if replicas is None else list(replicas)
         pipe = self.redis.pipeline(transaction=False)
         for replica in replicas:
             pipe.lrange(self.taken_key(api, replica), 0, -1)
-        held = {}
-        for replica, messages in zip(replicas, pipe.execute()):
-            if messages:
-                held[replica] = [_task_id(m) for m in messages]
-        return held
+        return {replica: [json.loads(m) for m in messages]
+                for replica, messages in zip(replicas, pipe.execute()) if messages}
 
     def set_usage(self, api: str, usage: dict[str, dict[str, float]]) -> None:
         """Record CPU and memory use of replicas (replica id -> {"cpu", "rss"})."""
@@ -447,10 +480,14 @@ class Registry:
         return [json.loads(m) for m in raw]
 
     def _answer_error(self, payload: dict[str, Any], error: str) -> None:
-        reply_to = payload.get("properties", {}).get("reply_to")
-        task_id = payload.get("headers", {}).get("id")
-        if reply_to and self.is_reply_key(reply_to) and task_id:
-            self.push_reply(reply_to, {"id": task_id, "error": error, "at": time.time()})
+        """Answer every sample of a message that will not run with ``error``, and drop it."""
+        queue = payload.get("properties", {}).get("delivery_info", {}).get("routing_key")
+        extra = extra_samples(payload)
+        if extra and queue:
+            self.redis.decrby(self.extra_key(queue), extra)
+        for reply_to, task_id in _reply_lists(payload):
+            if self.is_reply_key(reply_to):
+                self.push_reply(reply_to, {"id": task_id, "error": error, "at": time.time()})
 
     # -- logs ---------------------------------------------------------------------------------
 
@@ -583,16 +620,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: the change counter, the queue, [the request's reply list]; ARGV: changes, limit, message.
-# A refused request with a reply list gets a marker there, so a BLPOP behind it returns at once.
+# KEYS: the change counter, the queue, its extra-samples counter, [the request's reply list];
+# ARGV: changes, limit (samples), message, extra samples in it. A refused request with a reply
+# list gets a marker there, so a BLPOP behind it returns at once.
 _ENQUEUE_SCRIPT = """
 local changes = redis.call('GET', KEYS[1]) or '0'
 local refused = nil
-local depth = redis.call('LLEN', KEYS[2])
+local length = redis.call('LLEN', KEYS[2])
+local depth = length + math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0'))
+local extra = tonumber(ARGV[4])
 if changes ~= ARGV[1] then refused = {-1, tonumber(changes)}
-elseif depth >= tonumber(ARGV[2]) then refused = {0, depth} end
-if refused == nil then return {1, redis.call('LPUSH', KEYS[2], ARGV[3])} end
-if KEYS[3] then redis.call('RPUSH', KEYS[3], 'refused'); redis.call('EXPIRE', KEYS[3], 60) end
+elseif length > 0 and depth + 1 + extra > tonumber(ARGV[2]) then refused = {0, depth} end
+if refused == nil then
+  redis.call('LPUSH', KEYS[2], ARGV[3])
+  if extra > 0 then redis.call('INCRBY', KEYS[3], extra) end
+  return {1, depth + 1 + extra}
+end
+if KEYS[4] then redis.call('RPUSH', KEYS[4], 'refused'); redis.call('EXPIRE', KEYS[4], 60) end
 return refused
 """
 _OUTCOMES = {1: "queued", 0: "full", -1: "stale"}
@@ -618,8 +662,17 @@ def _check_ownership(deployment: Deployment, current: Any) -> None:
         raise DeployError("\n".join(problems))
 
 
-def _task_id(message: bytes) -> str:
-    return json.loads(message).get("headers", {}).get("id", "?")
+def _reply_lists(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """(reply list, request id) of every sample of a queued message (its JSON envelope)."""
+    try:
+        _args, kwargs, *_ = json.loads(payload["body"])
+    except (KeyError, TypeError, ValueError):
+        kwargs = {}
+    if kwargs.get("replies"):
+        return [(r[0], r[1]) for r in kwargs["replies"]]
+    reply_to = payload.get("properties", {}).get("reply_to")
+    task_id = payload.get("headers", {}).get("id")
+    return [(reply_to, task_id)] if reply_to and task_id else []
 
 
 def _key(*parts: str) -> str:

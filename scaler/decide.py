@@ -25,8 +25,8 @@ from inferq.scaler.host import Capacity
 class Load:
     """What was observed of one API at one moment."""
 
-    queued: int = 0  # messages waiting in its queue
-    in_flight: int = 0  # requests its replicas are predicting now
+    queued: int = 0  # samples waiting in its queue (a batch message counts each)
+    in_flight: int = 0  # samples its replicas are predicting now
     live: int = 0  # live replicas
     cpu: float | None = None  # mean CPU use of a live replica, millicores (None: unknown)
     gpu: float | None = None  # mean utilisation of a live replica's GPUs, percent (NVML)

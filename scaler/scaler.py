@@ -197,9 +197,10 @@ class Scaler:
     def _load(self, api: str, records: list[dict]) -> Load:
         live = [r["id"] for r in records if r["status"] == "live"]
         usage = self.registry.usage(api)
-        in_flight = len(self.registry.in_flight(api, [r["id"] for r in records]))
+        # In samples, not messages: a queue of batches scales as the same requests alone.
+        in_flight, held_extra = self.registry.in_flight_samples(api, [r["id"] for r in records])
         return Load(
-            queued=self.registry.queue_length(queue_name(api)),
+            queued=max(0, self.registry.queued_samples(queue_name(api)) - held_extra),
             in_flight=in_flight,
             live=len(live),
             cpu=_mean(usage, live, "cpu"),

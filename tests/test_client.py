@@ -31,7 +31,9 @@ def doubler(registry, replicas, tmp_path):
         yield client
 
 
-def test_map_over_an_endless_stream_keeps_only_its_window_in_flight(doubler, registry):
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_map_over_an_endless_stream_keeps_only_its_window_in_flight(doubler, registry,
+                                                                    batch_size):
     produced = 0
     deepest = 0
 
@@ -39,13 +41,14 @@ def test_map_over_an_endless_stream_keeps_only_its_window_in_flight(doubler, reg
         nonlocal produced, deepest
         for n in itertools.count():
             produced += 1
-            deepest = max(deepest, registry.queue_length("inferq.doubler"))
+            deepest = max(deepest, registry.queued_samples("inferq.doubler"))
             yield {"n": n}
 
-    results = doubler.map("doubler", samples(), window=8)
+    results = doubler.map("doubler", samples(), batch_size=batch_size, window=8)
     first = list(itertools.islice(results, 200))
     assert first == [2 * n for n in range(200)]  # in input order
-    assert produced <= 200 + 8  # the stream is read only as far as the window allows
+    # the stream is read only as far as the window (and the batch being filled) allows
+    assert produced <= 200 + 8 + batch_size
     assert deepest <= 8
 
 

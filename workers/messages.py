@@ -7,6 +7,17 @@ the same shape, so replicas serve both alike::
 
     send_task("inferq.predict", args=[sample], kwargs={"debug": False}, queue="inferq.<api>")
 
+A message can carry several samples (``Client.map``, the gateway's dynamic batching)::
+
+    send_task("inferq.predict", args=[samples], kwargs={"batch": True}, queue="inferq.<api>")
+
+The replica predicts them together (``predict_batch`` when the predictor has it) and answers
+each on its own: a plain Celery caller gets a list with one ``{"result": ...}`` or
+``{"error": ..., "index": i}`` per sample; inferq's clients add ``"replies"``, one
+``[reply list, request id, expires at]`` per sample, and each sample's answer goes to its own
+waiter (a sample past its deadline is skipped). The header ``inferq_extra`` (samples beyond
+one) keeps the queue's sample count that the scaler and admission read.
+
 The body is the JSON text ``[args, kwargs, embed]`` (Celery base64-encodes it; kombu accepts
 either).
 """
@@ -20,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 TASK_NAME = "inferq.predict"
+EXTRA_HEADER = "inferq_extra"
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
@@ -33,8 +45,23 @@ def encode(task_id: str, sample: Any, *, queue: str, reply_to: str, expires_at: 
            debug: bool = False) -> str:
     """The message for one sample, answered on the ``reply_to`` list, void after
     ``expires_at`` (a Unix time). Raises ValueError/TypeError for a sample JSON cannot carry."""
-    body = json.dumps([[sample], {"debug": debug}, _EMBED], separators=(",", ":"),
-                      allow_nan=False)
+    return _envelope(task_id, [sample], {"debug": debug}, queue=queue, reply_to=reply_to,
+                     expires_at=expires_at, extra=0)
+
+
+def encode_batch(task_id: str, samples: list[Any], replies: list[tuple[str, str, float]], *,
+                 queue: str, debug: bool = False) -> str:
+    """The message for several samples, each answered on its own ``(reply list, request id,
+    expires at)``; the message is void once every sample's deadline passed."""
+    return _envelope(task_id, [samples], {"batch": True, "debug": debug,
+                                          "replies": [list(r) for r in replies]},
+                     queue=queue, reply_to=replies[0][0] if replies else "",
+                     expires_at=max(r[2] for r in replies), extra=len(samples) - 1)
+
+
+def _envelope(task_id: str, args: list, kwargs: dict, *, queue: str, reply_to: str,
+              expires_at: float, extra: int) -> str:
+    body = json.dumps([args, kwargs, _EMBED], separators=(",", ":"), allow_nan=False)
     expires = datetime.fromtimestamp(expires_at, UTC).isoformat()
     return json.dumps({
         "body": body,
@@ -44,7 +71,7 @@ def encode(task_id: str, sample: Any, *, queue: str, reply_to: str, expires_at: 
             "lang": "py", "task": TASK_NAME, "id": task_id, "root_id": task_id,
             "parent_id": None, "group": None, "eta": None, "expires": expires,
             "retries": 0, "timelimit": [None, None], "ignore_result": True,
-            "argsrepr": "", "kwargsrepr": "", "origin": "inferq",
+            "argsrepr": "", "kwargsrepr": "", "origin": "inferq", EXTRA_HEADER: extra,
         },
         "properties": {
             "correlation_id": task_id,
@@ -57,27 +84,45 @@ def encode(task_id: str, sample: Any, *, queue: str, reply_to: str, expires_at: 
     }, separators=(",", ":"))
 
 
+def extra_samples(message: dict[str, Any]) -> int:
+    """How many samples beyond one a queued message (its JSON envelope) counts for."""
+    return int(message.get("headers", {}).get(EXTRA_HEADER) or 0)
+
+
 @dataclass(frozen=True)
 class Task:
     """A message as a replica reads it."""
 
     id: str
-    sample: Any
+    samples: list[Any]
+    batch: bool
     debug: bool
     reply_to: str | None
     expired: bool
+    replies: list[tuple[str, str, float]] | None  # per sample, for inferq's batch senders
+    extra: int  # samples beyond one that the queue's count holds for this message
 
     @classmethod
     def from_message(cls, message: Any) -> Task:
         """From a kombu message (``body`` JSON text, as decoded by the transport)."""
         args, kwargs, *_ = json.loads(message.body)
         headers = message.headers or {}
+        batch = bool(kwargs.get("batch", False))
+        samples = (args[0] if args else []) if batch else [args[0] if args else None]
+        if not isinstance(samples, list):
+            raise ValueError("a batch message's first argument must be a list of samples")
+        replies = kwargs.get("replies")
+        if replies is not None and len(replies) != len(samples):
+            raise ValueError(f"{len(replies)} replies for {len(samples)} samples")
         return cls(
             id=headers.get("id", ""),
-            sample=args[0] if args else None,
+            samples=samples,
+            batch=batch,
             debug=bool(kwargs.get("debug", False)),
             reply_to=message.properties.get("reply_to"),
             expired=_expired(headers.get("expires")),
+            replies=[tuple(r) for r in replies] if replies is not None else None,
+            extra=int(headers.get(EXTRA_HEADER) or 0),
         )
 
 

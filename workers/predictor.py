@@ -1,7 +1,8 @@
 """Loading a user's predictor module and checking it keeps Cortex v0.11's contract.
 
-``predictor.py`` defines ``predict(sample, metadata)`` (required) and
-``init(model_path, metadata)`` (optional). A syntax error, an exception at import or in
+``predictor.py`` defines ``predict(sample, metadata)`` (required),
+``init(model_path, metadata)`` (optional) and, beyond v0.11, ``predict_batch(samples,
+metadata)`` (optional: a list of samples in, a list of predictions out). A syntax error, an exception at import or in
 ``init``, a missing ``predict`` or a signature that cannot take those arguments is a
 :class:`PredictorError` naming the file, with the traceback.
 """
@@ -77,6 +78,9 @@ class PythonPredictor:
         self._predict = check_callable(
             module, "predict", ("sample", "metadata"), label=label, required=True
         )
+        self._predict_batch = check_callable(
+            module, "predict_batch", ("samples", "metadata"), label=label, required=False
+        )
         init = check_callable(
             module, "init", ("model_path", "metadata"), label=label, required=False
         )
@@ -90,6 +94,14 @@ class PythonPredictor:
 
     def predict(self, sample: Any) -> Any:
         return self._predict(sample, self.metadata)
+
+    @property
+    def batches(self) -> bool:
+        """Whether the predictor defines ``predict_batch``."""
+        return self._predict_batch is not None
+
+    def predict_batch(self, samples: list[Any]) -> Any:
+        return self._predict_batch(samples, self.metadata)
 
 
 def _user_traceback(exc: BaseException, path: Path) -> str:

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class Replica:
         self.predictor = predictor
         self.id = replica
         self.tracker = tracker
+        self._batch_failed_once = False
 
     def predict(self, sample: Any, *, debug: bool = False) -> Any:
         """``predict(sample)`` as JSON-compatible data; PredictionError when it fails."""
@@ -60,15 +62,70 @@ class Replica:
         except Exception as exc:
             log.exception('api "%s": predict() raised', self.api.name)
             raise PredictionError(_describe(exc), api=self.api.name) from exc
+        return self._answer(prediction, debug, started)
+
+    def predict_many(self, samples: list[Any], *, debug: bool = False) -> list[Outcome]:
+        """Each sample's prediction or error, in order: with ``predict_batch`` in one call
+        when the predictor has it, else ``predict`` per sample. A sample that fails fails
+        alone (when ``predict_batch`` raises, each sample is predicted alone to tell which)."""
+        if not getattr(self.predictor, "batches", False) or len(samples) < 2:
+            return [self._one(sample, debug) for sample in samples]
+        if debug:
+            for sample in samples:
+                log.info('api "%s": debug: sample: %s', self.api.name, _short(sample))
+        started = time.perf_counter()
+        try:
+            predictions = self.predictor.predict_batch(samples)
+        except Exception:  # noqa: BLE001  (the user's code: anything may come)
+            if not self._batch_failed_once:
+                self._batch_failed_once = True
+                log.exception('api "%s": predict_batch() raised; predicting each sample alone '
+                              "to find which failed (logged once)", self.api.name)
+            return [self._one(sample, debug) for sample in samples]
+        problem = _batch_problem(predictions, len(samples))
+        if problem is not None:
+            log.error('api "%s": %s', self.api.name, problem)
+            return [Outcome(error=problem) for _ in samples]
+        return [self._converted(p, debug, started) for p in predictions]
+
+    def _one(self, sample: Any, debug: bool) -> Outcome:
+        try:
+            return Outcome(result=self.predict(sample, debug=debug))
+        except PredictionError as exc:
+            return Outcome(error=exc.reason)
+
+    def _converted(self, prediction: Any, debug: bool, started: float) -> Outcome:
+        try:
+            return Outcome(result=self._answer(prediction, debug, started))
+        except PredictionError as exc:
+            return Outcome(error=exc.reason)
+
+    def _answer(self, prediction: Any, debug: bool, started: float) -> Any:
         prediction = to_jsonable(prediction, api=self.api.name)
         if self.tracker is not None:
             self.tracker.track(prediction)
         if debug:
-            log.info(
-                'api "%s": debug: prediction: %s (%.1f ms)',
-                self.api.name, _short(prediction), (time.perf_counter() - started) * 1000,
-            )
+            log.info('api "%s": debug: prediction: %s (%.1f ms)', self.api.name,
+                     _short(prediction), (time.perf_counter() - started) * 1000)
         return prediction
+
+
+def _batch_problem(predictions: Any, expected: int) -> str | None:
+    """Why ``predict_batch``'s result cannot answer ``expected`` samples, or None."""
+    if isinstance(predictions, (str, bytes, dict)) or not hasattr(predictions, "__len__"):
+        return (f"predict_batch() returned {type(predictions).__name__}, not a list of "
+                f"{expected} predictions")
+    if len(predictions) != expected:
+        return f"predict_batch() returned {len(predictions)} predictions for {expected} samples"
+    return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One sample's answer: its prediction (``result``) or ``error``."""
+
+    result: Any = None
+    error: str | None = None
 
 
 def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:

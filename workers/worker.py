@@ -34,12 +34,13 @@ from inferq.workers.transport import TAKEN_KEY_OPTION
 log = logging.getLogger("inferq.worker")
 
 _replica: Replica | None = None  # the loaded predictor this process serves
+_queue = ""  # its queue
 
 
 def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO") -> int:
     """Bootstrap ``api``'s predictor, then serve its queue until SIGTERM (warm shutdown: the
     current request finishes). Returns the exit code."""
-    global _replica
+    global _replica, _queue
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(message)s")
     registry = Registry(broker_url, max_connections=4)
     registry.ping()
@@ -52,6 +53,7 @@ def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO")
     except (PredictorError, UnknownAPI) as exc:
         log.error("%s", exc)
         return EXIT_INIT_FAILED
+    _queue = queue_name(api)
     app = make_app(broker_url)
     app.conf.update(
         broker_transport="inferq.workers.transport:Transport",
@@ -107,32 +109,68 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
             log.error("dropped a message that is not an inferq.predict task: %s", exc)
             message.ack()
             return
+        channel = message.channel
+        if request.extra:  # the queue's sample count drops with the acknowledgement
+            channel.send_with_ack("DECRBY", Registry.extra_key(_queue), request.extra)
         if request.expired or request.id in revoked:
             message.ack()  # its caller stopped waiting: it must not run later
             return
-        reply = _predict(request)
-        if request.reply_to and Registry.is_reply_key(request.reply_to):
-            payload = _json(reply)
-            message.channel.send_with_ack("RPUSH", request.reply_to, payload)
-            message.channel.send_with_ack("EXPIRE", request.reply_to, REPLY_TTL_SECONDS)
-        elif "error" in reply:  # a plain Celery caller reads the result backend
-            backend.store_result(request.id, PredictionError(reply["error"], api=_replica.api.name),
-                                 states.FAILURE)
+        if request.replies is not None:
+            _answer_each(channel, request)
+        elif request.batch:
+            _answer(channel, backend, request, _outcomes(request))
         else:
-            backend.store_result(request.id, reply["result"], states.SUCCESS)
+            _answer(channel, backend, request, _predict_one(request))
         message.ack()
 
     return handle
 
 
-def _predict(request: TaskMessage) -> dict[str, Any]:
-    reply: dict[str, Any] = {"id": request.id, "replica": _replica.id}
+def _predict_one(request: TaskMessage) -> dict[str, Any]:
     try:
-        reply["result"] = _replica.predict(request.sample, debug=request.debug)
+        return {"result": _replica.predict(request.samples[0], debug=request.debug)}
     except PredictionError as exc:
-        reply["error"] = exc.reason
-    reply["at"] = time.time()
-    return reply
+        return {"error": exc.reason}
+
+
+def _outcomes(request: TaskMessage, samples: list[Any] | None = None) -> list[dict[str, Any]]:
+    outcomes = _replica.predict_many(request.samples if samples is None else samples,
+                                     debug=request.debug)
+    return [{"result": o.result} if o.error is None else {"error": o.error, "index": i}
+            for i, o in enumerate(outcomes)]
+
+
+def _answer(channel: Any, backend: Any, request: TaskMessage, reply: Any) -> None:
+    """One answer for the message: to an inferq reply list, or to Celery's result backend."""
+    if request.reply_to and Registry.is_reply_key(request.reply_to):
+        body = {"id": request.id, "replica": _replica.id, "at": time.time()}
+        body.update(reply if isinstance(reply, dict) else {"result": reply})
+        channel.send_with_ack("RPUSH", request.reply_to, _json(body))
+        channel.send_with_ack("EXPIRE", request.reply_to, REPLY_TTL_SECONDS)
+    elif isinstance(reply, dict) and "error" in reply:
+        backend.store_result(request.id, PredictionError(reply["error"], api=_replica.api.name),
+                             states.FAILURE)
+    else:
+        backend.store_result(request.id, reply.get("result") if isinstance(reply, dict)
+                             else reply, states.SUCCESS)
+
+
+def _answer_each(channel: Any, request: TaskMessage) -> None:
+    """A batch from inferq's clients: each live sample's answer to its own waiter."""
+    now = time.time()
+    live = [i for i, (_, _, expires_at) in enumerate(request.replies) if expires_at > now]
+    outcomes = _outcomes(request, [request.samples[i] for i in live])
+    by_list: dict[str, list[str]] = {}
+    for i, outcome in zip(live, outcomes):
+        reply_to, request_id, _ = request.replies[i]
+        if not Registry.is_reply_key(reply_to):
+            continue
+        outcome.pop("index", None)
+        by_list.setdefault(reply_to, []).append(
+            _json({"id": request_id, "replica": _replica.id, "at": now, **outcome}))
+    for reply_to, replies in by_list.items():
+        channel.send_with_ack("RPUSH", reply_to, *replies)
+        channel.send_with_ack("EXPIRE", reply_to, REPLY_TTL_SECONDS)
 
 
 def _json(reply: dict[str, Any]) -> str:
