@@ -4,7 +4,7 @@ Every answer to an API call is JSON. The status codes (PRODUCT.md §3):
 
 =====  ===================================================================================
 200    the prediction
-400    the body is not JSON
+400    the body is not JSON, or nests deeper than 100 levels
 404    no API at that endpoint
 405    a method other than GET / POST on an endpoint
 413    the body is over ``max_body`` bytes
@@ -35,6 +35,7 @@ from inferq.errors import (
     UnknownAPI,
 )
 from inferq.registry import DeployedApi
+from inferq.samples import load_body
 
 log = logging.getLogger("inferq.gateway")
 
@@ -158,9 +159,9 @@ def _serve(client: Client, deployed: DeployedApi) -> Response:
         return response
     body = request.get_data(cache=False)  # raises 413 over MAX_CONTENT_LENGTH
     try:
-        sample = json.loads(body)
+        sample = load_body(body)  # not JSON, or nested too deep
     except ValueError as exc:
-        return _json({"error": f"the request body is not JSON: {exc}", "api": name}, 400)
+        return _json({"error": str(exc), "api": name}, 400)
     debug = request.args.get("debug", "").lower() in ("1", "true", "yes")
     try:
         future = client.submit(name, sample, debug=debug)

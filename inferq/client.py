@@ -36,6 +36,7 @@ from inferq.errors import (
     UnknownAPI,
 )
 from inferq.registry import DeployedApi, Registry
+from inferq.samples import check_sample
 from inferq.workers.app import TASK_NAME, make_app, queue_name
 
 log = logging.getLogger("inferq.client")
@@ -164,8 +165,10 @@ class Client:
         The future fails with :class:`PredictionTimeout` when no replica answers within the
         API's ``compute.timeout`` (or ``timeout``); the request is then withdrawn: a replica
         that takes it later drops it. Raises :class:`UnknownAPI`, :class:`QueueFull` or
-        :class:`BrokerUnavailable` before anything is queued.
+        :class:`BrokerUnavailable` before anything is queued, and :class:`InvalidSample` for a
+        sample that is not JSON-serialisable or nests deeper than 100 levels.
         """
+        check_sample(sample, api=api, index=index)  # InvalidSample, before anything is queued
         deployed = self._admit(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         task_id = uuid.uuid4().hex

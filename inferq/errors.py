@@ -52,14 +52,24 @@ class PredictionError(InferqError):
         self.api = api
         self.index = index
         self.reason = message
-        where = f'api "{api}"' if api else ""
-        if index is not None:
-            where += f", sample {index}"
-        super().__init__(f"{where}: {message}" if where else message)
+        super().__init__(_located(message, api, index))
 
 
 class PredictionTimeout(PredictionError):
     """No replica answered within the API's timeout."""
+
+
+class InvalidSample(InferqError, ValueError):
+    """A sample cannot travel as JSON (not serialisable, or nested too deep); nothing was queued.
+
+    ``api`` names the API, ``index`` the sample's position in ``Client.map`` (or None).
+    """
+
+    def __init__(self, message: str, *, api: str | None = None, index: int | None = None):
+        self.api = api
+        self.index = index
+        self.reason = message
+        super().__init__(_located(message, api, index))
 
 
 class QueueFull(InferqError):
@@ -72,3 +82,11 @@ class QueueFull(InferqError):
 
 class ModelDownloadError(PredictorError):
     """A model could not be fetched (missing bucket or key, access denied, ...)."""
+
+
+def _located(message: str, api: str | None, index: int | None) -> str:
+    """``api "x", sample 3: message``: where a sample's problem happened, when known."""
+    where = f'api "{api}"' if api else ""
+    if index is not None:
+        where += f", sample {index}" if where else f"sample {index}"
+    return f"{where}: {message}" if where else message

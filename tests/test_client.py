@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from conftest import write_project
 
-from inferq import Client, UnknownAPI
+from inferq import Client, InvalidSample, PredictionError, UnknownAPI
 from inferq.deploy import deploy
 
 PREDICTOR = """
@@ -70,3 +71,41 @@ def test_one_client_serves_many_threads_at_once(doubler):
         answers = list(pool.map(lambda n: doubler.predict("doubler", {"n": n}, timeout=60),
                                 range(600)))
     assert answers == [2 * n for n in range(600)]
+
+
+def nested(levels: int, inner=None):
+    sample = inner
+    for _ in range(levels):
+        sample = [sample]
+    return sample
+
+
+def test_a_sample_json_cannot_carry_fails_naming_the_api_before_anything_is_queued(
+        doubler, registry):
+    cycle: list = []
+    cycle.append(cycle)
+    problems = {
+        "nests deeper than 100 levels": [{"n": nested(100_000)}, {"n": nested(100)}],
+        "not JSON-serialisable: Object of type ndarray": [{"n": np.arange(3)}],
+        "not JSON-serialisable: Circular reference": [cycle],
+    }
+    for message, samples in problems.items():
+        for sample in samples:
+            with pytest.raises(InvalidSample, match=f'^api "doubler": the sample .*{message}'):
+                doubler.predict("doubler", sample)
+            with pytest.raises(InvalidSample, match=message):
+                doubler.submit("doubler", sample)
+    assert registry.queue_length("inferq.doubler") == 0
+    # At the limit a sample is sent (and here fails in predict(), as it would anywhere else).
+    with pytest.raises(PredictionError, match="list indices must be integers"):
+        doubler.predict("doubler", nested(99, {"n": 1}))
+
+
+def test_map_names_the_index_of_a_sample_json_cannot_carry(doubler, registry):
+    samples = [{"n": 1}, {"n": 2}, {"n": nested(5000)}, {"n": 4}]
+    results = doubler.map("doubler", samples, window=1)
+    assert [next(results), next(results)] == [2, 4]
+    with pytest.raises(InvalidSample, match='^api "doubler", sample 2: the sample nests deeper '
+                                            "than 100 levels"):
+        next(results)
+    assert registry.queue_length("inferq.doubler") == 0

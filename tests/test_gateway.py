@@ -160,6 +160,30 @@ def test_every_answer_of_an_api_endpoint(registry, replicas, start_gateway, tmp_
                                 {"after": "failure"}]
 
 
+def test_a_body_nested_too_deep_is_a_400_naming_the_limit(registry, replicas, start_gateway,
+                                                         tmp_path):
+    record = deploy_echo(registry, tmp_path)
+    replicas.start("echo")
+    gateway = start_gateway()
+    url = gateway.url + "/shop/echo"
+
+    def nested(levels: int) -> bytes:
+        return b"[" * levels + b"]" * levels
+
+    for body in (nested(100_000), nested(101), b'{"a": ' + nested(100) + b"}"):
+        refused = assert_json(requests.post(url, data=body, timeout=30), 400)
+        assert refused == {"api": "echo", "error": "the request body nests deeper than 100 "
+                           "levels (inferq's limit for JSON samples)"}
+    # At the limit, the sample makes the whole trip: parsed, queued, predicted and echoed back.
+    at_limit = json.loads(nested(100))
+    assert assert_json(requests.post(url, data=nested(100), timeout=30), 200) == {
+        "echo": at_limit}
+    # Brackets inside strings are text, not nesting.
+    assert assert_json(post(url, {"text": "[" * 5000}), 200) == {"echo": {"text": "[" * 5000}}
+    assert recorded(record) == [at_limit, {"text": "[" * 5000}]
+    assert "Traceback" not in gateway.log()
+
+
 def test_debug_logs_the_sample_and_the_prediction_on_the_replica(registry, replicas,
                                                                     start_gateway, tmp_path):
     deploy_echo(registry, tmp_path)
