@@ -14,8 +14,9 @@ Keys (all under ``inferq:``):
 ``status:<api>``               JSON: the API's status as the scaler last judged it
 ``reply:<client id>``          list: replies for one client (gateway or Python client)
 ``stats:<api>``                hash: request counts by status class, latency sum
-``tracker:<api>``              hash: tracked predictions (``class:<label>`` counts, or
-                               ``count``, ``sum``, ``min``, ``max`` of regression values)
+``tracker:<api>``              hash: tracked predictions (``class:<label>`` counts and
+                               ``other``, or ``count``, ``sum``, ``min``, ``max`` of
+                               regression values)
 ``inflight:<api>``             hash: replica id -> id of the task it is predicting now
 ``usage:<api>``                hash: replica id -> JSON cpu (millicores) and rss (bytes)
 ``failure:<api>``              hash: host -> JSON last replica failure there (kind, message)
@@ -45,6 +46,10 @@ PREFIX = "inferq:"
 REPLY_TTL_SECONDS = 300  # a reply nobody collects is gone after this
 RETIRED_BUNDLE_TTL_SECONDS = 24 * 3600  # replicas of an old version may still fetch it
 LOG_LINES_KEPT = 10_000  # per API
+# A classification tracker keeps this many classes per API (any more is counted as "other")
+# and labels this long: a predictor answering free text must not fill Redis or `inferq get`.
+TRACKER_CLASSES_KEPT = 100
+TRACKER_LABEL_CHARS = 64
 # kombu's Redis transport's own keys (its defaults), for :meth:`Registry.requeue`:
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
@@ -128,6 +133,7 @@ class Registry:
         self._resign = self.redis.register_script(_RESIGN_SCRIPT)
         self._end_request = self.redis.register_script(_END_REQUEST_SCRIPT)
         self._track_value = self.redis.register_script(_TRACK_VALUE_SCRIPT)
+        self._track_class = self.redis.register_script(_TRACK_CLASS_SCRIPT)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -273,17 +279,28 @@ class Registry:
         return {k.decode(): float(v) for k, v in raw.items()}
 
     def track_class(self, api: str, label: str) -> None:
-        self.redis.hincrby(_key("tracker", api), f"class:{label}", 1)
+        """Count one prediction of ``label`` (cut to :data:`TRACKER_LABEL_CHARS`); a label
+        past the first :data:`TRACKER_CLASSES_KEPT` classes counts as ``other``."""
+        # One script, so replicas tracking at once never keep more classes than the limit.
+        self._track_class(keys=[_key("tracker", api)],
+                          args=[cut_label(label), TRACKER_CLASSES_KEPT])
 
     def track_value(self, api: str, value: float) -> None:
         self._track_value(keys=[_key("tracker", api)], args=[repr(value)])
 
     def tracker_stats(self, api: str) -> dict[str, Any]:
-        """{"classes": {label: count}} or {"count", "min", "max", "mean"}; {} when empty."""
-        raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(_key("tracker", api)).items()}
-        classes = {k[len("class:"):]: int(v) for k, v in raw.items() if k.startswith("class:")}
-        if classes:
-            return {"classes": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0])))}
+        """{"classes": {label: count}, "other": count} (``other`` only when some were counted
+        there), most frequent first; or {"count", "min", "max", "mean"}; {} when empty."""
+        raw = {k.decode(errors="replace"): v.decode()
+               for k, v in self.redis.hgetall(_key("tracker", api)).items()}
+        classes: dict[str, int] = {}
+        for field, count in raw.items():
+            if field.startswith("class:"):
+                # Cut here too: counts stored before labels were cut must not show whole.
+                label = cut_label(field[len("class:"):])
+                classes[label] = classes.get(label, 0) + int(count)
+        if classes or "other" in raw:
+            return _class_stats(classes, int(raw.get("other", 0)))
         if "count" in raw:
             count = int(raw["count"])
             return {"count": count, "min": float(raw["min"]), "max": float(raw["max"]),
@@ -558,6 +575,15 @@ if high == false or value > tonumber(high) then redis.call('HSET', KEYS[1], 'max
 return 1
 """
 
+_TRACK_CLASS_SCRIPT = """
+local field = 'class:' .. ARGV[1]
+local kept = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], 'other')
+if kept < tonumber(ARGV[2]) or redis.call('HEXISTS', KEYS[1], field) == 1 then
+  return redis.call('HINCRBY', KEYS[1], field, 1)
+end
+return redis.call('HINCRBY', KEYS[1], 'other', 1)
+"""
+
 _RESIGN_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -587,6 +613,21 @@ def _check_ownership(deployment: Deployment, current: Any) -> None:
                 )
     if problems:
         raise DeployError("\n".join(problems))
+
+
+def cut_label(label: str) -> str:
+    """``label``, cut to :data:`TRACKER_LABEL_CHARS` characters ending in "…" when longer."""
+    if len(label) <= TRACKER_LABEL_CHARS:
+        return label
+    return label[:TRACKER_LABEL_CHARS - 1] + "…"
+
+
+def _class_stats(classes: dict[str, int], other: int) -> dict[str, Any]:
+    """Most frequent first, at most :data:`TRACKER_CLASSES_KEPT` (the rest joins "other")."""
+    ranked = sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))
+    kept = dict(ranked[:TRACKER_CLASSES_KEPT])
+    other += sum(count for _, count in ranked[TRACKER_CLASSES_KEPT:])
+    return {"classes": kept, "other": other} if other else {"classes": kept}
 
 
 def _key(*parts: str) -> str:

@@ -6,7 +6,9 @@ import time
 from typing import Any
 
 from inferq.errors import UnknownAPI
-from inferq.registry import DeployedApi, Registry
+from inferq.registry import TRACKER_CLASSES_KEPT, DeployedApi, Registry, cut_label
+
+TRACKER_ROWS_SHOWN = 20  # classes listed by `inferq get API_NAME`
 
 
 def api_status(deployed: DeployedApi, replicas: list[dict[str, Any]],
@@ -154,14 +156,37 @@ def _tracker_lines(stats: dict[str, Any] | None, tracker: dict[str, Any] | None)
     if not stats:
         return [*lines, "  no predictions tracked yet"]
     if "classes" in stats:
-        total = sum(stats["classes"].values())
-        rows = [("class", "count", "share")] + [
-            (label, _count(n), f"{100 * n / total:.1f}%") for label, n in stats["classes"].items()
-        ]
-        return lines + ["  " + line for line in _columns(rows, numeric={1, 2}).splitlines()]
+        table = _columns(_class_rows(stats["classes"], stats.get("other", 0)), numeric={1, 2})
+        return lines + ["  " + line for line in table.splitlines()]
     summary = (f"  count {_count(stats['count'])}  min {stats['min']:.6g}  "
                f"max {stats['max']:.6g}  avg {stats['mean']:.6g}")
     return [*lines, summary]
+
+
+def _class_rows(classes: dict[str, int], other: int) -> list[tuple[str, str, str]]:
+    """The most frequent classes, then one row for the rest and one for "other": a tracker
+    of 100 classes stays a screenful (``--output json`` has every count)."""
+    total = sum(classes.values()) + other
+    ranked = list(classes.items())  # most frequent first
+
+    def row(label: str, count: int) -> tuple[str, str, str]:
+        return label, _count(count), f"{100 * count / total:.1f}%"
+
+    rows = [("class", "count", "share")]
+    rows += [row(cut_label(_printable(label)), n) for label, n in ranked[:TRACKER_ROWS_SHOWN]]
+    rest = ranked[TRACKER_ROWS_SHOWN:]
+    if rest:
+        rows.append(row(f"({len(rest)} more classes)", sum(n for _, n in rest)))
+    if other:
+        rows.append(row(f"(other: past the first {TRACKER_CLASSES_KEPT} classes)", other))
+    return rows
+
+
+def _printable(label: str) -> str:
+    """A label on one table row: newlines, tabs and other control characters escaped."""
+    if label.isprintable():
+        return label
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in label)
 
 
 def host_rows(registry: Registry) -> list[dict[str, Any]]:
