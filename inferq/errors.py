@@ -23,7 +23,7 @@ class ConfigError(InferqError):
 
 
 class BundleTooLarge(ConfigError):
-    """The project folder is over the bundle size limit."""
+    """The project folder is over the bundle limits (its size, or its number of files)."""
 
 
 class DeployError(InferqError):
