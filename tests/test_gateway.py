@@ -224,6 +224,23 @@ def test_healthz_and_metrics(registry, replicas, start_gateway, tmp_path):
     assert 'inferq_replicas{api="echo",status="live"} 1.0' in scraped.text
 
 
+def test_metrics_have_series_only_for_deployed_apis(registry, start_gateway, tmp_path):
+    deploy_echo(registry, tmp_path)
+    gateway = start_gateway()
+    for n in range(300):  # a scanner trying endpoints
+        assert_json(post(f"{gateway.url}/probe-{n}", {"x": n}), 404)
+    assert_json(requests.get(gateway.url + "/shop/echo", timeout=10), 200)  # no replica needed
+
+    def apis_in_metrics() -> set[str]:
+        text = requests.get(gateway.url + "/metrics", timeout=10).text
+        return set(re.findall(r'\bapi="([^"]*)"', text))
+
+    assert apis_in_metrics() == {"echo"}
+    assert metric(gateway, "inferq_requests_total", api="echo", code="2xx") == 1
+    registry.delete("shop")
+    assert apis_in_metrics() == set()  # a deleted API's series go with it
+
+
 # -- routes follow the registry ----------------------------------------------------------------
 
 
