@@ -1,4 +1,5 @@
-"""What a sample may be: JSON, nested at most :data:`MAX_NESTING` levels.
+"""What a sample may be: JSON, nested at most :data:`MAX_NESTING` levels, at most
+:data:`MAX_SAMPLE_BYTES` long.
 
 Every step a sample takes (the gateway's parser, kombu's encoder and decoder, the replica's
 conversion of the prediction) is recursive in Python, one stack frame or more per level, under
@@ -20,6 +21,10 @@ from inferq.errors import InvalidSample
 
 #: The deepest a sample (or a prediction) may nest: ``[[1, 2]]`` nests 2 levels.
 MAX_NESTING = 100
+
+#: The longest sample, as JSON. Redis refuses a message over 512 MB (``proto-max-bulk-len``)
+#: and kombu sends the body in base64 (4/3 of it); a larger input belongs on S3.
+MAX_SAMPLE_BYTES = 256 * 1024 * 1024
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
@@ -65,7 +70,7 @@ def check_sample(sample: Any, *, api: str, index: int | None = None) -> None:
     """Raise :class:`InvalidSample` unless ``sample`` can travel to a replica as JSON.
 
     It is encoded as kombu will encode it (so dates and decimals pass, as they would), and its
-    depth is checked, before anything is queued.
+    size and depth are checked, before anything is queued.
     """
     try:
         text = kombu_dumps(sample)
@@ -77,5 +82,11 @@ def check_sample(sample: Any, *, api: str, index: int | None = None) -> None:
             "numbers, booleans or None; a numpy array as array.tolist())",
             api=api, index=index,
         ) from None
+    if len(text) > MAX_SAMPLE_BYTES:  # kombu's JSON is ASCII: characters are bytes
+        raise InvalidSample(
+            f"the sample is {len(text):,} bytes of JSON, over the {MAX_SAMPLE_BYTES // 2**20} "
+            "MiB limit of a message; put large inputs on S3 and send their address",
+            api=api, index=index,
+        )
     if nesting_depth(text.encode("utf-8", "surrogatepass")) > MAX_NESTING:
         raise InvalidSample(too_deep_message("the sample"), api=api, index=index)

@@ -109,3 +109,16 @@ def test_map_names_the_index_of_a_sample_json_cannot_carry(doubler, registry):
                                             "than 100 levels"):
         next(results)
     assert registry.queue_length("inferq.doubler") == 0
+
+
+def test_map_carries_10_mb_samples_and_a_sample_over_256_mb_is_a_clear_error(doubler, registry):
+    big = "a" * 10 * 1024 * 1024  # the gateway's default body limit, reached from Python
+    answers = doubler.map("doubler", ({"n": big + str(n)} for n in range(3)), window=2)
+    for n, answer in enumerate(answers):
+        assert len(answer) == 2 * (len(big) + 1) and answer.endswith(f"a{n}")
+    assert registry.queue_length("inferq.doubler") == 0
+    too_big = {"n": "a" * (256 * 1024 * 1024)}
+    with pytest.raises(InvalidSample, match='^api "doubler": the sample is 268,435,465 bytes of '
+                                            "JSON, over the 256 MiB limit of a message"):
+        doubler.predict("doubler", too_big)
+    assert registry.queue_length("inferq.doubler") == 0
