@@ -60,7 +60,13 @@ class Replica:
         except Exception as exc:
             log.exception('api "%s": predict() raised', self.api.name)
             raise PredictionError(_describe(exc), api=self.api.name) from exc
-        prediction = to_jsonable(prediction, api=self.api.name)
+        try:
+            prediction = to_jsonable(prediction, api=self.api.name)
+        except RecursionError:  # uncaught, the caller would get no reply and wait out its timeout
+            raise PredictionError(
+                "the prediction nests too deep to be sent as JSON (keep it to a few hundred "
+                "levels)", api=self.api.name,
+            ) from None
         if self.tracker is not None:
             self.tracker.track(prediction)
         if debug:
