@@ -46,6 +46,7 @@ PREFIX = "inferq:"
 REPLY_TTL_SECONDS = 300  # a reply nobody collects is gone after this
 RETIRED_BUNDLE_TTL_SECONDS = 24 * 3600  # replicas of an old version may still fetch it
 LOG_LINES_KEPT = 10_000  # per API
+LOG_LINE_CHARS = 10_000  # longer lines are cut: 10,000 kept lines must not hold gigabytes
 # A classification tracker keeps this many classes per API (any more is counted as "other")
 # and labels this long: a predictor answering free text must not fill Redis or `inferq get`.
 TRACKER_CLASSES_KEPT = 100
@@ -452,10 +453,11 @@ class Registry:
     # -- logs ---------------------------------------------------------------------------------
 
     def add_logs(self, api: str, lines: list[tuple[str, str]]) -> None:
-        """Append (replica, line) pairs to the API's log stream (the newest 10000 are kept)."""
+        """Append (replica, line) pairs to the API's log stream (the newest 10000 are kept,
+        each cut to :data:`LOG_LINE_CHARS`)."""
         pipe = self.redis.pipeline(transaction=False)
         for replica, line in lines:
-            pipe.xadd(_key("logs", api), {"replica": replica, "line": line},
+            pipe.xadd(_key("logs", api), {"replica": replica, "line": _cut_line(line)},
                       maxlen=LOG_LINES_KEPT, approximate=True)
         pipe.execute()
 
@@ -620,6 +622,12 @@ def cut_label(label: str) -> str:
     if len(label) <= TRACKER_LABEL_CHARS:
         return label
     return label[:TRACKER_LABEL_CHARS - 1] + "…"
+
+
+def _cut_line(line: str) -> str:
+    if len(line) <= LOG_LINE_CHARS:
+        return line
+    return f"{line[:LOG_LINE_CHARS]}… ({len(line) - LOG_LINE_CHARS:,} more characters)"
 
 
 def _class_stats(classes: dict[str, int], other: int) -> dict[str, Any]:

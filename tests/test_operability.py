@@ -190,6 +190,34 @@ def test_logs_show_a_debug_requests_sample_and_prediction(registry, scalers, gat
     assert "zebra-42" in history
 
 
+def test_a_20_mb_log_line_is_kept_cut_to_10000_characters(registry, scalers, tmp_path):
+    deploy(write_project(tmp_path / "shouter", """
+    - kind: deployment
+      name: shouter
+    - kind: api
+      name: shouter
+      predictor: {path: predictor.py}
+    """, {"predictor.py": """
+    def predict(sample, metadata):
+        print("y" * sample["shout"], flush=True)
+        return "done"
+    """}), registry)
+    scalers.start()
+    live(registry, "shouter")
+    with Client(registry.url) as client:
+        assert client.predict("shouter", {"shout": 20_000_000}) == "done"
+
+    def shipped():
+        text = inferq("logs", "shouter", "--no-follow").stdout
+        return "more characters)" in text and text
+
+    text = wait_until(shipped, 30, what="the long line in `inferq logs`")
+    assert len(text) < 50_000
+    long_line = next(line for line in text.splitlines() if "more characters)" in line)
+    assert re.search(r"y{9000,}… \(19,99\d,\d{3} more characters\)$", long_line), long_line[-80:]
+    assert len(long_line) < 10_100  # the replica's prefix, 10,000 characters, the marker
+
+
 def _read_until(process, seen: list, marker: str) -> bool:
     line = process.stdout.readline()
     seen.append(line)
