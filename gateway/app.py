@@ -33,6 +33,7 @@ from inferq.errors import (
     PredictionTimeout,
     QueueFull,
     UnknownAPI,
+    some_of,
 )
 from inferq.registry import DeployedApi
 from inferq.samples import load_body
@@ -202,7 +203,7 @@ def _error(message: str) -> dict[str, str]:
 
 
 def _not_found(endpoint: str, routes: Routes) -> Response:
-    known = ", ".join(routes.endpoints()) or "none"
+    known = some_of(routes.endpoints())
     return _json({"error": f"no API at {endpoint} (deployed endpoints: {known})"}, 404)
 
 

@@ -34,6 +34,7 @@ from inferq.errors import (
     PredictionTimeout,
     QueueFull,
     UnknownAPI,
+    some_of,
 )
 from inferq.registry import DeployedApi, Registry
 from inferq.samples import check_sample
@@ -286,7 +287,7 @@ class Client:
         apis = self._known_apis(changes)
         deployed = apis.get(api)
         if deployed is None:
-            known = ", ".join(sorted(apis)) or "none"
+            known = some_of(sorted(apis))
             raise UnknownAPI(f'no API named "{api}" is deployed (deployed: {known})')
         return deployed
 

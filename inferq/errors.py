@@ -90,3 +90,12 @@ def _located(message: str, api: str | None, index: int | None) -> str:
     if index is not None:
         where += f", sample {index}" if where else f"sample {index}"
     return f"{where}: {message}" if where else message
+
+
+def some_of(names: list[str], shown: int = 10) -> str:
+    """``a, b, c and 7 more``: what is deployed, in a message that stays one line however
+    many APIs there are (a 404 must not list ten thousand endpoints to every caller)."""
+    if not names:
+        return "none"
+    listed = ", ".join(names[:shown])
+    return f"{listed} and {len(names) - shown} more" if len(names) > shown else listed

@@ -17,10 +17,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 from conftest import Replicas, inferq_command, write_project
 from services import Gateway
 
+from inferq import Client, UnknownAPI
 from inferq.deploy import deploy
 from inferq.processes import wait_until
 from inferq.registry import Registry
@@ -239,6 +241,21 @@ def test_metrics_have_series_only_for_deployed_apis(registry, start_gateway, tmp
     assert metric(gateway, "inferq_requests_total", api="echo", code="2xx") == 1
     registry.delete("shop")
     assert apis_in_metrics() == set()  # a deleted API's series go with it
+
+
+def test_a_404_names_at_most_10_deployed_endpoints(registry, start_gateway, tmp_path):
+    apis = "".join(f"- kind: api\n  name: api-{n:02}\n  predictor: {{path: predictor.py}}\n"
+                   for n in range(25))
+    deploy(write_project(tmp_path / "many", "- kind: deployment\n  name: many\n" + apis,
+                         {"predictor.py": PREDICTOR}), registry)
+    gateway = start_gateway()
+    missing = assert_json(post(gateway.url + "/nowhere", {}), 404)
+    listed = ", ".join(f"/many/api-{n:02}" for n in range(10))
+    assert missing == {"error": f"no API at /nowhere (deployed endpoints: {listed} and 15 more)"}
+    with Client(registry.url) as client, pytest.raises(UnknownAPI) as caught:
+        client.predict("nowhere", {})
+    assert str(caught.value).endswith("(deployed: api-00, api-01, api-02, api-03, api-04, "
+                                      "api-05, api-06, api-07, api-08, api-09 and 15 more)")
 
 
 # -- routes follow the registry ----------------------------------------------------------------
