@@ -47,6 +47,7 @@ REPLY_TTL_SECONDS = 300  # a reply nobody collects is gone after this
 RETIRED_BUNDLE_TTL_SECONDS = 24 * 3600  # replicas of an old version may still fetch it
 LOG_LINES_KEPT = 10_000  # per API
 LOG_LINE_CHARS = 10_000  # longer lines are cut: 10,000 kept lines must not hold gigabytes
+ERROR_CHARS = 10_000  # a replica's error (a traceback) as kept: its start and its end
 # A classification tracker keeps this many classes per API (any more is counted as "other")
 # and labels this long: a predictor answering free text must not fill Redis or `inferq get`.
 TRACKER_CLASSES_KEPT = 100
@@ -321,6 +322,8 @@ class Registry:
         key = _key("replicas", api)
         raw = self.redis.hget(key, replica)
         record = json.loads(raw) if raw else {"id": replica}
+        if fields.get("error"):  # read by every scaler several times a second
+            fields["error"] = _cut_error(fields["error"])
         record.update(fields, updated_at=time.time())
         self.redis.hset(key, replica, json.dumps(record))
 
@@ -381,7 +384,7 @@ class Registry:
 
     def set_failure(self, api: str, host: str, kind: str, message: str) -> None:
         """Record that a replica of ``api`` on ``host`` failed (``kind``: "error" or "oom")."""
-        record = {"kind": kind, "message": message, "at": self.now(), "host": host}
+        record = {"kind": kind, "message": _cut_error(message), "at": self.now(), "host": host}
         self.redis.hset(_key("failure", api), host, json.dumps(record))
 
     def clear_failure(self, api: str, host: str) -> None:
@@ -628,6 +631,15 @@ def _cut_line(line: str) -> str:
     if len(line) <= LOG_LINE_CHARS:
         return line
     return f"{line[:LOG_LINE_CHARS]}… ({len(line) - LOG_LINE_CHARS:,} more characters)"
+
+
+def _cut_error(text: str) -> str:
+    """``text``, or its start and end when over :data:`ERROR_CHARS` (a traceback's end says
+    what was raised)."""
+    if len(text) <= ERROR_CHARS:
+        return text
+    head, tail = ERROR_CHARS // 5, ERROR_CHARS - ERROR_CHARS // 5
+    return f"{text[:head]}\n… ({len(text) - head - tail:,} characters left out) …\n{text[-tail:]}"
 
 
 def _class_stats(classes: dict[str, int], other: int) -> dict[str, Any]:

@@ -218,6 +218,36 @@ def test_a_20_mb_log_line_is_kept_cut_to_10000_characters(registry, scalers, tmp
     assert len(long_line) < 10_100  # the replica's prefix, 10,000 characters, the marker
 
 
+def test_a_20_mb_init_error_keeps_inferq_get_readable(registry, scalers, tmp_path):
+    deploy(write_project(tmp_path / "loud", """
+    - kind: deployment
+      name: loud
+    - kind: api
+      name: loud
+      predictor: {path: predictor.py}
+    """, {"predictor.py": """
+    def init(model_path, metadata):
+        raise ValueError("z" * 20_000_000)
+
+
+    def predict(sample, metadata):
+        return None
+    """}), registry)
+    scalers.start()
+
+    def failed():
+        rows = json.loads(inferq("get", "loud", "--output", "json").stdout)
+        return rows[0]["status"] == "error" and rows[0]["reason"] and rows[0]
+
+    row = wait_until(failed, 60, what="the API in error")
+    assert len(json.dumps(row)) < 40_000  # the error is kept as its start and its end
+    shown = inferq("get", "loud")
+    assert shown.returncode == 0, shown.stderr
+    assert len(shown.stdout) < 10_000
+    assert "ValueError: zzzz" in shown.stdout and "more characters)" in shown.stdout
+    assert max(len(line) for line in shown.stdout.splitlines()) < 400
+
+
 def _read_until(process, seen: list, marker: str) -> bool:
     line = process.stdout.readline()
     seen.append(line)
