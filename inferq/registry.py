@@ -460,8 +460,8 @@ class Registry:
         each cut to :data:`LOG_LINE_CHARS`)."""
         pipe = self.redis.pipeline(transaction=False)
         for replica, line in lines:
-            pipe.xadd(_key("logs", api), {"replica": replica, "line": _cut_line(line)},
-                      maxlen=LOG_LINES_KEPT, approximate=True)
+            entry = {"replica": replica, "line": cut_text(line, LOG_LINE_CHARS)}
+            pipe.xadd(_key("logs", api), entry, maxlen=LOG_LINES_KEPT, approximate=True)
         pipe.execute()
 
     def read_logs(self, api: str, after: str = "0", block: float | None = None,
@@ -627,10 +627,11 @@ def cut_label(label: str) -> str:
     return label[:TRACKER_LABEL_CHARS - 1] + "…"
 
 
-def _cut_line(line: str) -> str:
-    if len(line) <= LOG_LINE_CHARS:
-        return line
-    return f"{line[:LOG_LINE_CHARS]}… ({len(line) - LOG_LINE_CHARS:,} more characters)"
+def cut_text(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
 
 
 def _cut_error(text: str) -> str:

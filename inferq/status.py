@@ -6,10 +6,16 @@ import time
 from typing import Any
 
 from inferq.errors import UnknownAPI
-from inferq.registry import TRACKER_CLASSES_KEPT, DeployedApi, Registry, cut_label
+from inferq.registry import (
+    TRACKER_CLASSES_KEPT,
+    DeployedApi,
+    Registry,
+    cut_label,
+    cut_text,
+)
 
 TRACKER_ROWS_SHOWN = 20  # classes listed by `inferq get API_NAME`
-LINES_SHOWN = 8  # the last lines of an error (of a traceback: where it was raised, and what)
+LINES_SHOWN = 8  # of an error: the last ones
 LINE_CHARS_SHOWN = 300
 
 
@@ -129,23 +135,20 @@ def render_api(row: dict[str, Any], gateway: str) -> str:
     lines = [render_table([row]), "", f"endpoint: {gateway}{row['endpoint']}"]
     if row["reason"]:
         lines.append("reason:")
-        lines.extend("  " + _shown(line) for line in row["reason"].splitlines()[-LINES_SHOWN:])
+        lines.extend(_error_lines(row["reason"]))
     lines.extend(_tracker_lines(row["tracker"], row["config"].get("tracker")))
     for replica in row["replicas"]:
         gpus = f", gpu {','.join(map(str, replica['gpus']))}" if replica.get("gpus") else ""
         lines.append(f"replica {replica['id']}: {replica['status']}{gpus}{_usage(replica)}")
         if replica.get("error"):
-            last = replica["error"].splitlines()[-LINES_SHOWN:]
-            lines.extend("  " + _shown(line) for line in last)
+            lines.extend(_error_lines(replica["error"]))
     lines += ["", "configuration:", api_yaml(Api.from_dict(row["config"])).rstrip()]
     return "\n".join(lines)
 
 
-def _shown(line: str) -> str:
-    """A line of an error as ``inferq get`` prints it: at most :data:`LINE_CHARS_SHOWN`."""
-    if len(line) <= LINE_CHARS_SHOWN:
-        return line
-    return f"{line[:LINE_CHARS_SHOWN]}… ({len(line) - LINE_CHARS_SHOWN:,} more characters)"
+def _error_lines(text: str) -> list[str]:
+    """The end of an error (of a traceback: where it was raised, and what), indented."""
+    return ["  " + cut_text(line, LINE_CHARS_SHOWN) for line in text.splitlines()[-LINES_SHOWN:]]
 
 
 def _usage(replica: dict[str, Any]) -> str:
