@@ -167,7 +167,7 @@ class Client:
         API's ``compute.timeout`` (or ``timeout``); the request is then withdrawn: a replica
         that takes it later drops it. Raises :class:`UnknownAPI`, :class:`QueueFull` or
         :class:`BrokerUnavailable` before anything is queued, and :class:`InvalidSample` for a
-        sample that is not JSON-serialisable or nests deeper than 100 levels.
+        sample that is not JSON-serialisable, nests deeper than 100 levels or is over 256 MiB.
         """
         check_sample(sample, api=api, index=index)  # InvalidSample, before anything is queued
         deployed = self._admit(api)
