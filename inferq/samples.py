@@ -19,7 +19,7 @@ from kombu.utils.json import dumps as kombu_dumps
 
 from inferq.errors import InvalidSample
 
-#: The deepest a sample (or a prediction) may nest: ``[[1, 2]]`` nests 2 levels.
+#: The deepest a sample may nest: ``[[1, 2]]`` nests 2 levels.
 MAX_NESTING = 100
 
 #: The longest sample, as JSON. Redis refuses a message over 512 MB (``proto-max-bulk-len``)
