@@ -4,7 +4,7 @@ Every answer to an API call is JSON. The status codes (PRODUCT.md §3):
 
 =====  ===================================================================================
 200    the prediction
-400    the body is not JSON
+400    the body is not JSON, or nests deeper than 100 levels
 404    no API at that endpoint
 405    a method other than GET / POST on an endpoint
 413    the body is over ``max_body`` bytes
@@ -28,13 +28,16 @@ from inferq.gateway.metrics import GatewayMetrics
 from inferq.client import Client
 from inferq.errors import (
     BrokerUnavailable,
+    InvalidSample,
     PredictionError,
     PredictionTimeout,
     QueueFull,
     RequestWithdrawn,
     UnknownAPI,
+    some_of,
 )
 from inferq.registry import DeployedApi
+from inferq.samples import load_body
 
 log = logging.getLogger("inferq.gateway")
 
@@ -173,16 +176,16 @@ def _serve(client: Client, deployed: DeployedApi, endpoint: str, routes: Routes)
         return response
     body = request.get_data(cache=False)  # raises 413 over MAX_CONTENT_LENGTH
     try:
-        sample = json.loads(body)
+        sample = load_body(body)  # not JSON, or nested too deep
     except ValueError as exc:
-        return _json({"error": f"the request body is not JSON: {exc}", "api": name}, 400)
+        return _json({"error": str(exc), "api": name}, 400)
     debug = request.args.get("debug", "").lower() in ("1", "true", "yes")
     disconnected = request.environ.get("waitress.client_disconnected")
     still_wanted = (lambda: not disconnected()) if disconnected is not None else None
     try:
         try:
             prediction = client.predict(name, sample, debug=debug, endpoint=endpoint,
-                                        still_wanted=still_wanted)
+                                        still_wanted=still_wanted, checked=True)
         except UnknownAPI:  # deleted or moved since the lookup: route again, afresh
             moved = routes.find(endpoint, fresh=True)
             if moved is None:
@@ -190,7 +193,7 @@ def _serve(client: Client, deployed: DeployedApi, endpoint: str, routes: Routes)
             name = moved.name
             request.environ["inferq.api"] = name
             prediction = client.predict(name, sample, debug=debug, endpoint=endpoint,
-                                        still_wanted=still_wanted)
+                                        still_wanted=still_wanted, checked=True)
     except UnknownAPI as exc:
         return _json({"error": str(exc)}, 404)
     except QueueFull as exc:
@@ -201,9 +204,9 @@ def _serve(client: Client, deployed: DeployedApi, endpoint: str, routes: Routes)
         return _json({"error": "the client went away", "api": name}, 499)
     except PredictionTimeout as exc:
         return _json({"error": f"timeout: {exc.reason}", "api": name}, 504)
+    except InvalidSample as exc:  # NaN or Infinity, which JSON has not
+        return _json({"error": exc.reason, "api": name}, 400)
     except PredictionError as exc:
-        if exc.index is None and "cannot be sent as JSON" in exc.reason:
-            return _json({"error": exc.reason, "api": name}, 400)  # NaN, Infinity
         return _json({"error": f"prediction failed: {exc.reason}", "api": name}, 500)
     return Response(_dumps(prediction), 200, mimetype="application/json")
 
@@ -218,7 +221,7 @@ def _error(message: str) -> dict[str, str]:
 
 
 def _not_found(endpoint: str, routes: Routes) -> Response:
-    known = ", ".join(routes.endpoints()) or "none"
+    known = some_of(routes.endpoints())
     return _json({"error": f"no API at {endpoint} (deployed endpoints: {known})"}, 404)
 
 

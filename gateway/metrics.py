@@ -42,23 +42,43 @@ class GatewayMetrics:
         )
         self.registry.register(_RegistryCollector(client))
         self._lock = threading.Lock()
+        self._series: set[tuple[str, str]] = set()  # (api, code) observed, see _forget_deleted
         self._pending: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._flusher = threading.Thread(target=self._flush_forever, daemon=True,
                                          name="inferq-stats")
         self._flusher.start()
 
     def observe(self, api: str, status: int, seconds: float) -> None:
+        """Count a request to a deployed API (only those: a label value per unknown endpoint
+        would let any caller grow /metrics without bound)."""
         code = f"{status // 100}xx"
         self.requests.labels(api, code).inc()
         self.latency.labels(api).observe(seconds)
         with self._lock:
+            self._series.add((api, code))
             stats = self._pending[api]
             stats[code] += 1
             stats["latency_sum"] += seconds
             stats["count"] += 1
 
     def render(self) -> tuple[bytes, str]:
+        self._forget_deleted()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def _forget_deleted(self) -> None:
+        """Drop the series of deleted APIs: a gateway that lives through many deploys of new
+        API names keeps series only for those deployed now."""
+        try:
+            deployed = {d.name for d in self._client.apis()}
+        except InferqError:  # the broker is away: keep everything until it answers
+            return
+        with self._lock:
+            gone = {(api, code) for api, code in self._series if api not in deployed}
+            self._series -= gone
+        for api, code in gone:
+            _remove(self.requests, api, code)
+        for api in {api for api, _ in gone}:
+            _remove(self.latency, api)
 
     def _flush_forever(self) -> None:
         while True:
@@ -75,6 +95,13 @@ class GatewayMetrics:
                     for api, stats in pending.items():
                         for key, value in stats.items():
                             self._pending[api][key] += value
+
+
+def _remove(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # removed already by another scrape
+        pass
 
 
 class _RegistryCollector:

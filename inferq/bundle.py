@@ -16,6 +16,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from inferq.errors import BundleTooLarge
 
 #: Upper bound on the bundle's uncompressed size; models larger than this belong on S3.
 MAX_BUNDLE_BYTES = int(os.environ.get("INFERQ_MAX_BUNDLE_BYTES") or 64 * 1024 * 1024)
+#: Upper bound on its files: a virtualenv or node_modules left in the project is refused at
+#: once, instead of being walked, packed, and unpacked by every replica on every host.
+MAX_BUNDLE_FILES = int(os.environ.get("INFERQ_MAX_BUNDLE_FILES") or 10_000)
 
 
 @dataclass(frozen=True)
@@ -34,9 +38,13 @@ class Bundle:
     size: int  # uncompressed bytes of all files
 
 
-def project_files(project_dir: Path) -> list[Path]:
-    """The files that go into the bundle, sorted by their project-relative path."""
-    found = []
+def project_files(project_dir: Path, *, max_files: int | None = None) -> list[Path]:
+    """The files that go into the bundle, sorted by their project-relative path.
+
+    Raises :class:`BundleTooLarge` as soon as there are more than ``max_files``: the walk
+    stops there (a folder of a million files, or a symlink loop, is not walked to its end).
+    """
+    found: list[Path] = []
     for root, dirs, files in os.walk(project_dir, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
         for name in files:
@@ -45,14 +53,19 @@ def project_files(project_dir: Path) -> list[Path]:
             path = Path(root, name)
             if path.is_file():
                 found.append(path)
+            if max_files is not None and len(found) > max_files:
+                raise BundleTooLarge([_too_many_files(project_dir, found, max_files)])
     return sorted(found, key=lambda p: p.relative_to(project_dir).as_posix())
 
 
-def pack(project_dir: str | os.PathLike, *, limit: int | None = None) -> Bundle:
-    """Bundle ``project_dir``; raise :class:`BundleTooLarge` over ``limit`` bytes."""
+def pack(project_dir: str | os.PathLike, *, limit: int | None = None,
+         max_files: int | None = None) -> Bundle:
+    """Bundle ``project_dir``; raise :class:`BundleTooLarge` over ``limit`` bytes or
+    ``max_files`` files (default :data:`MAX_BUNDLE_BYTES`, :data:`MAX_BUNDLE_FILES`)."""
     project_dir = Path(project_dir)
     limit = MAX_BUNDLE_BYTES if limit is None else limit
-    files = project_files(project_dir)
+    files = project_files(project_dir,
+                          max_files=MAX_BUNDLE_FILES if max_files is None else max_files)
     sizes = {f: f.stat().st_size for f in files}
     total = sum(sizes.values())
     if total > limit:
@@ -122,6 +135,25 @@ def _too_large(project_dir: Path, sizes: dict[Path, int], total: int, limit: int
             "INFERQ_MAX_BUNDLE_BYTES"
         ),
     )
+
+
+def _too_many_files(project_dir: Path, found: list[Path], limit: int) -> Problem:
+    # Where the files are (by top-level folder) is what the user needs to see to fix it.
+    by_folder = Counter(_top_folder(path.relative_to(project_dir)) for path in found)
+    crowded = ", ".join(f"{name} ({count:,})" for name, count in by_folder.most_common(3))
+    return Problem(
+        file=str(project_dir),
+        path="",
+        message=(
+            f"the project has more than {limit:,} files, the bundle limit (most in: {crowded}); "
+            "keep virtualenvs, node_modules and data sets out of the project folder (or in a "
+            "dot-folder), put data on S3, or raise INFERQ_MAX_BUNDLE_FILES"
+        ),
+    )
+
+
+def _top_folder(relative: Path) -> str:
+    return f"{relative.parts[0]}/" if len(relative.parts) > 1 else "the project's top folder"
 
 
 def _mib(size: int) -> str:

@@ -31,15 +31,18 @@ import redis
 from inferq import stack
 from inferq.errors import (
     BrokerUnavailable,
+    InvalidSample,
     PredictionError,
     PredictionTimeout,
     QueueFull,
     RequestWithdrawn,
     UnknownAPI,
+    some_of,
 )
 from inferq.registry import DeployedApi, Registry
 from inferq.workers import messages
 from inferq.workers.messages import queue_name
+from inferq.samples import check_sample
 
 log = logging.getLogger("inferq.client")
 
@@ -174,7 +177,7 @@ class Client:
 
     def predict(self, api: str, sample: Any, *, debug: bool = False,
                 timeout: float | None = None, endpoint: str | None = None,
-                still_wanted: Callable[[], bool] | None = None) -> Any:
+                still_wanted: Callable[[], bool] | None = None, checked: bool = False) -> Any:
         """Predict one sample and return the prediction; raise :class:`PredictionError`
         (:class:`PredictionTimeout` after the API's ``compute.timeout``, or ``timeout``).
 
@@ -183,13 +186,16 @@ class Client:
         ``still_wanted`` (the gateway: is the HTTP client still there?) is asked every half
         second; when it says no, the request is withdrawn and :class:`RequestWithdrawn` raised.
         With ``endpoint`` (the gateway), :class:`UnknownAPI` also when the API moved.
+        :class:`InvalidSample` for a sample that is not JSON-serialisable, nests deeper than
+        100 levels or is over 256 MiB (``checked``: the caller checked it already).
         """
         deployed = self._deployed(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         task_id = uuid.uuid4().hex
         reply_to = Registry.reply_key(f"{self.id}:{task_id}")
         queue = queue_name(api)
-        message = self._encode(api, task_id, sample, queue, reply_to, timeout, debug, None)
+        message = self._encode(api, task_id, sample, queue, reply_to, timeout, debug, None,
+                               checked)
         deadline = time.monotonic() + timeout
         reply = self._call(deployed, queue, message, reply_to, endpoint, deadline)
         while reply is None:
@@ -215,8 +221,10 @@ class Client:
         The future fails with :class:`PredictionTimeout` when no replica answers within the
         API's ``compute.timeout`` (or ``timeout``); the request is then withdrawn: a replica
         that takes it later drops it. Raises :class:`UnknownAPI`, :class:`QueueFull` or
-        :class:`BrokerUnavailable` before anything is queued. With ``endpoint`` (the gateway),
-        :class:`UnknownAPI` also when the API no longer serves that endpoint.
+        :class:`BrokerUnavailable` before anything is queued, and :class:`InvalidSample` for a
+        sample that is not JSON-serialisable, nests deeper than 100 levels or is over 256 MiB.
+        With ``endpoint`` (the gateway), :class:`UnknownAPI` also when the API no longer serves
+        that endpoint.
         """
         deployed = self._deployed(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
@@ -255,13 +263,15 @@ class Client:
         queue = queue_name(api)
         expires_at = time.time() + timeout
         ids = [uuid.uuid4().hex for _ in samples]
+        for position, sample in enumerate(samples):
+            check_sample(sample, api=api, index=first_index + position)
         try:
             message = messages.encode_batch(
                 uuid.uuid4().hex, list(samples), [(self.reply_key, i, expires_at) for i in ids],
                 queue=queue, debug=bool(debug))
-        except (TypeError, ValueError) as exc:
-            raise PredictionError(f"a sample cannot be sent as JSON: {exc}", api=api,
-                                  index=first_index) from None
+        except (TypeError, ValueError) as exc:  # NaN or Infinity (JSON has neither)
+            raise InvalidSample(f"a sample cannot be sent as JSON: {exc}", api=api,
+                                index=first_index) from None
         futures = []
         for position, request_id in enumerate(ids):
             waiter = _Waiter(Future(), api, first_index + position, queue, message)
@@ -353,15 +363,17 @@ class Client:
 
     @staticmethod
     def _encode(api: str, task_id: str, sample: Any, queue: str, reply_to: str, timeout: float,
-                debug: bool, index: int | None) -> str:
+                debug: bool, index: int | None, checked: bool = False) -> str:
+        if not checked:
+            check_sample(sample, api=api, index=index)  # InvalidSample, before anything is queued
         try:
             # The message expires with the caller's deadline, so no replica can start it
             # after the caller was told it timed out.
             return messages.encode(task_id, sample, queue=queue, reply_to=reply_to,
                                    expires_at=time.time() + timeout, debug=bool(debug))
-        except (TypeError, ValueError) as exc:
-            raise PredictionError(f"the sample cannot be sent as JSON: {exc}", api=api,
-                                  index=index) from None
+        except (TypeError, ValueError) as exc:  # NaN or Infinity (JSON has neither)
+            raise InvalidSample(f"the sample cannot be sent as JSON: {exc}", api=api,
+                                index=index) from None
 
     def _call(self, deployed: DeployedApi, queue: str, message: str, reply_to: str,
               endpoint: str | None, deadline: float) -> dict[str, Any] | None:
@@ -438,7 +450,7 @@ class Client:
     def _lookup(self, api: str, apis: dict[str, DeployedApi]) -> DeployedApi:
         deployed = apis.get(api)
         if deployed is None:
-            known = ", ".join(sorted(apis)) or "none"
+            known = some_of(sorted(apis))
             raise UnknownAPI(f'no API named "{api}" is deployed (deployed: {known})')
         return deployed
 

@@ -23,7 +23,7 @@ class ConfigError(InferqError):
 
 
 class BundleTooLarge(ConfigError):
-    """The project folder is over the bundle size limit."""
+    """The project folder is over the bundle limits (its size, or its number of files)."""
 
 
 class DeployError(InferqError):
@@ -52,10 +52,7 @@ class PredictionError(InferqError):
         self.api = api
         self.index = index
         self.reason = message
-        where = f'api "{api}"' if api else ""
-        if index is not None:
-            where += f", sample {index}"
-        super().__init__(f"{where}: {message}" if where else message)
+        super().__init__(_located(message, api, index))
 
 
 class PredictionTimeout(PredictionError):
@@ -64,6 +61,19 @@ class PredictionTimeout(PredictionError):
 
 class RequestWithdrawn(InferqError):
     """A request was taken off its queue because its caller went away."""
+
+
+class InvalidSample(InferqError, ValueError):
+    """A sample cannot travel as JSON (not serialisable, or nested too deep); nothing was queued.
+
+    ``api`` names the API, ``index`` the sample's position in ``Client.map`` (or None).
+    """
+
+    def __init__(self, message: str, *, api: str | None = None, index: int | None = None):
+        self.api = api
+        self.index = index
+        self.reason = message
+        super().__init__(_located(message, api, index))
 
 
 class QueueFull(InferqError):
@@ -76,3 +86,20 @@ class QueueFull(InferqError):
 
 class ModelDownloadError(PredictorError):
     """A model could not be fetched (missing bucket or key, access denied, ...)."""
+
+
+def _located(message: str, api: str | None, index: int | None) -> str:
+    """``api "x", sample 3: message``: where a sample's problem happened, when known."""
+    where = f'api "{api}"' if api else ""
+    if index is not None:
+        where += f", sample {index}" if where else f"sample {index}"
+    return f"{where}: {message}" if where else message
+
+
+def some_of(names: list[str], shown: int = 10) -> str:
+    """``a, b, c and 7 more``: what is deployed, in a message that stays one line however
+    many APIs there are (a 404 must not list ten thousand endpoints to every caller)."""
+    if not names:
+        return "none"
+    listed = ", ".join(names[:shown])
+    return f"{listed} and {len(names) - shown} more" if len(names) > shown else listed

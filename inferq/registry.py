@@ -14,8 +14,9 @@ Keys (all under ``inferq:``):
 ``status:<api>``               JSON: the API's status as the scaler last judged it
 ``reply:<client id>``          list: replies for one client (gateway or Python client)
 ``stats:<api>``                hash: request counts by status class, latency sum
-``tracker:<api>``              hash: tracked predictions (``class:<label>`` counts, or
-                               ``count``, ``sum``, ``min``, ``max`` of regression values)
+``tracker:<api>``              hash: tracked predictions (``class:<label>`` counts and
+                               ``other``, or ``count``, ``sum``, ``min``, ``max`` of
+                               regression values)
 ``extra:<queue>``              samples queued beyond one per message (batch messages), so the
                                queue's sample count is LLEN + this
 ``taken:<api>:<replica>``      list: the message a replica took and has not answered yet
@@ -51,6 +52,12 @@ REPLY_TTL_SECONDS = 300  # a reply nobody collects is gone after this
 RETIRED_BUNDLE_TTL_SECONDS = 24 * 3600  # replicas of an old version may still fetch it
 LOG_LINES_KEPT = 10_000  # per API
 DEATHS_HEADER = "inferq_deaths"  # in a message: how many replicas died holding it
+LOG_LINE_CHARS = 10_000  # longer lines are cut: 10,000 kept lines must not hold gigabytes
+ERROR_CHARS = 10_000  # a replica's error (a traceback) as kept: its start and its end
+# A classification tracker keeps this many classes per API (any more is counted as "other")
+# and labels this long: a predictor answering free text must not fill Redis or `inferq get`.
+TRACKER_CLASSES_KEPT = 100
+TRACKER_LABEL_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,7 @@ class Registry:
         self._resign = self.redis.register_script(_RESIGN_SCRIPT)
         self._enqueue = self.redis.register_script(_ENQUEUE_SCRIPT)
         self._track_value = self.redis.register_script(_TRACK_VALUE_SCRIPT)
+        self._track_class = self.redis.register_script(_TRACK_CLASS_SCRIPT)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -325,17 +333,28 @@ class Registry:
         return {k.decode(): float(v) for k, v in raw.items()}
 
     def track_class(self, api: str, label: str) -> None:
-        self.redis.hincrby(_key("tracker", api), f"class:{label}", 1)
+        """Count one prediction of ``label`` (cut to :data:`TRACKER_LABEL_CHARS`); a label
+        past the first :data:`TRACKER_CLASSES_KEPT` classes counts as ``other``."""
+        # One script, so replicas tracking at once never keep more classes than the limit.
+        self._track_class(keys=[_key("tracker", api)],
+                          args=[cut_label(label), TRACKER_CLASSES_KEPT])
 
     def track_value(self, api: str, value: float) -> None:
         self._track_value(keys=[_key("tracker", api)], args=[repr(value)])
 
     def tracker_stats(self, api: str) -> dict[str, Any]:
-        """{"classes": {label: count}} or {"count", "min", "max", "mean"}; {} when empty."""
-        raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(_key("tracker", api)).items()}
-        classes = {k[len("class:"):]: int(v) for k, v in raw.items() if k.startswith("class:")}
-        if classes:
-            return {"classes": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0])))}
+        """{"classes": {label: count}, "other": count} (``other`` only when some were counted
+        there), most frequent first; or {"count", "min", "max", "mean"}; {} when empty."""
+        raw = {k.decode(errors="replace"): v.decode()
+               for k, v in self.redis.hgetall(_key("tracker", api)).items()}
+        classes: dict[str, int] = {}
+        for field, count in raw.items():
+            if field.startswith("class:"):
+                # Cut here too: counts stored before labels were cut must not show whole.
+                label = cut_label(field[len("class:"):])
+                classes[label] = classes.get(label, 0) + int(count)
+        if classes or "other" in raw:
+            return _class_stats(classes, int(raw.get("other", 0)))
         if "count" in raw:
             count = int(raw["count"])
             return {"count": count, "min": float(raw["min"]), "max": float(raw["max"]),
@@ -355,6 +374,8 @@ class Registry:
         key = _key("replicas", api)
         raw = self.redis.hget(key, replica)
         record = json.loads(raw) if raw else {"id": replica}
+        if fields.get("error"):  # read by every scaler several times a second
+            fields["error"] = _cut_error(fields["error"])
         record.update(fields, updated_at=time.time())
         self.redis.hset(key, replica, json.dumps(record))
 
@@ -424,7 +445,7 @@ class Registry:
 
     def set_failure(self, api: str, host: str, kind: str, message: str) -> None:
         """Record that a replica of ``api`` on ``host`` failed (``kind``: "error" or "oom")."""
-        record = {"kind": kind, "message": message, "at": self.now(), "host": host}
+        record = {"kind": kind, "message": _cut_error(message), "at": self.now(), "host": host}
         self.redis.hset(_key("failure", api), host, json.dumps(record))
 
     def clear_failure(self, api: str, host: str) -> None:
@@ -492,11 +513,12 @@ class Registry:
     # -- logs ---------------------------------------------------------------------------------
 
     def add_logs(self, api: str, lines: list[tuple[str, str]]) -> None:
-        """Append (replica, line) pairs to the API's log stream (the newest 10000 are kept)."""
+        """Append (replica, line) pairs to the API's log stream (the newest 10000 are kept,
+        each cut to :data:`LOG_LINE_CHARS`)."""
         pipe = self.redis.pipeline(transaction=False)
         for replica, line in lines:
-            pipe.xadd(_key("logs", api), {"replica": replica, "line": line},
-                      maxlen=LOG_LINES_KEPT, approximate=True)
+            entry = {"replica": replica, "line": cut_text(line, LOG_LINE_CHARS)}
+            pipe.xadd(_key("logs", api), entry, maxlen=LOG_LINES_KEPT, approximate=True)
         pipe.execute()
 
     def read_logs(self, api: str, after: str = "0", block: float | None = None,
@@ -615,6 +637,15 @@ if high == false or value > tonumber(high) then redis.call('HSET', KEYS[1], 'max
 return 1
 """
 
+_TRACK_CLASS_SCRIPT = """
+local field = 'class:' .. ARGV[1]
+local kept = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], 'other')
+if kept < tonumber(ARGV[2]) or redis.call('HEXISTS', KEYS[1], field) == 1 then
+  return redis.call('HINCRBY', KEYS[1], field, 1)
+end
+return redis.call('HINCRBY', KEYS[1], 'other', 1)
+"""
+
 _RESIGN_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -673,6 +704,37 @@ def _reply_lists(payload: dict[str, Any]) -> list[tuple[str, str]]:
     reply_to = payload.get("properties", {}).get("reply_to")
     task_id = payload.get("headers", {}).get("id")
     return [(reply_to, task_id)] if reply_to and task_id else []
+
+
+def cut_label(label: str) -> str:
+    """``label``, cut to :data:`TRACKER_LABEL_CHARS` characters ending in "…" when longer."""
+    if len(label) <= TRACKER_LABEL_CHARS:
+        return label
+    return label[:TRACKER_LABEL_CHARS - 1] + "…"
+
+
+def cut_text(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+def _cut_error(text: str) -> str:
+    """``text``, or its start and end when over :data:`ERROR_CHARS` (a traceback's end says
+    what was raised)."""
+    if len(text) <= ERROR_CHARS:
+        return text
+    head, tail = ERROR_CHARS // 5, ERROR_CHARS - ERROR_CHARS // 5
+    return f"{text[:head]}\n… ({len(text) - head - tail:,} characters left out) …\n{text[-tail:]}"
+
+
+def _class_stats(classes: dict[str, int], other: int) -> dict[str, Any]:
+    """Most frequent first, at most :data:`TRACKER_CLASSES_KEPT` (the rest joins "other")."""
+    ranked = sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))
+    kept = dict(ranked[:TRACKER_CLASSES_KEPT])
+    other += sum(count for _, count in ranked[TRACKER_CLASSES_KEPT:])
+    return {"classes": kept, "other": other} if other else {"classes": kept}
 
 
 def _key(*parts: str) -> str:

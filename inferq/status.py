@@ -6,7 +6,17 @@ import time
 from typing import Any
 
 from inferq.errors import UnknownAPI
-from inferq.registry import DeployedApi, Registry
+from inferq.registry import (
+    TRACKER_CLASSES_KEPT,
+    DeployedApi,
+    Registry,
+    cut_label,
+    cut_text,
+)
+
+TRACKER_ROWS_SHOWN = 20  # classes listed by `inferq get API_NAME`
+LINES_SHOWN = 8  # of an error: the last ones
+LINE_CHARS_SHOWN = 300
 
 
 def api_status(deployed: DeployedApi, replicas: list[dict[str, Any]],
@@ -125,15 +135,20 @@ def render_api(row: dict[str, Any], gateway: str) -> str:
     lines = [render_table([row]), "", f"endpoint: {gateway}{row['endpoint']}"]
     if row["reason"]:
         lines.append("reason:")
-        lines.extend("  " + line for line in row["reason"].splitlines())
+        lines.extend(_error_lines(row["reason"]))
     lines.extend(_tracker_lines(row["tracker"], row["config"].get("tracker")))
     for replica in row["replicas"]:
         gpus = f", gpu {','.join(map(str, replica['gpus']))}" if replica.get("gpus") else ""
         lines.append(f"replica {replica['id']}: {replica['status']}{gpus}{_usage(replica)}")
         if replica.get("error"):
-            lines.extend("  " + line for line in replica["error"].splitlines()[-8:])
+            lines.extend(_error_lines(replica["error"]))
     lines += ["", "configuration:", api_yaml(Api.from_dict(row["config"])).rstrip()]
     return "\n".join(lines)
+
+
+def _error_lines(text: str) -> list[str]:
+    """The end of an error (of a traceback: where it was raised, and what), indented."""
+    return ["  " + cut_text(line, LINE_CHARS_SHOWN) for line in text.splitlines()[-LINES_SHOWN:]]
 
 
 def _usage(replica: dict[str, Any]) -> str:
@@ -154,14 +169,37 @@ def _tracker_lines(stats: dict[str, Any] | None, tracker: dict[str, Any] | None)
     if not stats:
         return [*lines, "  no predictions tracked yet"]
     if "classes" in stats:
-        total = sum(stats["classes"].values())
-        rows = [("class", "count", "share")] + [
-            (label, _count(n), f"{100 * n / total:.1f}%") for label, n in stats["classes"].items()
-        ]
-        return lines + ["  " + line for line in _columns(rows, numeric={1, 2}).splitlines()]
+        table = _columns(_class_rows(stats["classes"], stats.get("other", 0)), numeric={1, 2})
+        return lines + ["  " + line for line in table.splitlines()]
     summary = (f"  count {_count(stats['count'])}  min {stats['min']:.6g}  "
                f"max {stats['max']:.6g}  avg {stats['mean']:.6g}")
     return [*lines, summary]
+
+
+def _class_rows(classes: dict[str, int], other: int) -> list[tuple[str, str, str]]:
+    """The most frequent classes, then one row for the rest and one for "other": a tracker
+    of 100 classes stays a screenful (``--output json`` has every count)."""
+    total = sum(classes.values()) + other
+    ranked = list(classes.items())  # most frequent first
+
+    def row(label: str, count: int) -> tuple[str, str, str]:
+        return label, _count(count), f"{100 * count / total:.1f}%"
+
+    rows = [("class", "count", "share")]
+    rows += [row(cut_label(_printable(label)), n) for label, n in ranked[:TRACKER_ROWS_SHOWN]]
+    rest = ranked[TRACKER_ROWS_SHOWN:]
+    if rest:
+        rows.append(row(f"({len(rest)} more classes)", sum(n for _, n in rest)))
+    if other:
+        rows.append(row(f"(other: past the first {TRACKER_CLASSES_KEPT} classes)", other))
+    return rows
+
+
+def _printable(label: str) -> str:
+    """A label on one table row: newlines, tabs and other control characters escaped."""
+    if label.isprintable():
+        return label
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in label)
 
 
 def host_rows(registry: Registry) -> list[dict[str, Any]]:

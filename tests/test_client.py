@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from conftest import write_project
 
-from inferq import Client, UnknownAPI
+from inferq import Client, InvalidSample, PredictionError, UnknownAPI
 from inferq.deploy import deploy
 
 PREDICTOR = """
@@ -73,3 +74,54 @@ def test_one_client_serves_many_threads_at_once(doubler):
         answers = list(pool.map(lambda n: doubler.predict("doubler", {"n": n}, timeout=60),
                                 range(600)))
     assert answers == [2 * n for n in range(600)]
+
+
+def nested(levels: int, inner=None):
+    sample = inner
+    for _ in range(levels):
+        sample = [sample]
+    return sample
+
+
+def test_a_sample_json_cannot_carry_fails_naming_the_api_before_anything_is_queued(
+        doubler, registry):
+    cycle: list = []
+    cycle.append(cycle)
+    problems = {
+        "nests deeper than 100 levels": [{"n": nested(100_000)}, {"n": nested(100)}],
+        "not JSON-serialisable: Object of type ndarray": [{"n": np.arange(3)}],
+        "not JSON-serialisable: Circular reference": [cycle],
+    }
+    for message, samples in problems.items():
+        for sample in samples:
+            with pytest.raises(InvalidSample, match=f'^api "doubler": the sample .*{message}'):
+                doubler.predict("doubler", sample)
+            with pytest.raises(InvalidSample, match=message):
+                doubler.submit("doubler", sample)
+    assert registry.queue_length("inferq.doubler") == 0
+    # At the limit a sample is sent (and here fails in predict(), as it would anywhere else).
+    with pytest.raises(PredictionError, match="list indices must be integers"):
+        doubler.predict("doubler", nested(99, {"n": 1}))
+
+
+def test_map_names_the_index_of_a_sample_json_cannot_carry(doubler, registry):
+    samples = [{"n": 1}, {"n": 2}, {"n": nested(5000)}, {"n": 4}]
+    results = doubler.map("doubler", samples, batch_size=1, window=1)
+    assert [next(results), next(results)] == [2, 4]
+    with pytest.raises(InvalidSample, match='^api "doubler", sample 2: the sample nests deeper '
+                                            "than 100 levels"):
+        next(results)
+    assert registry.queue_length("inferq.doubler") == 0
+
+
+def test_map_carries_10_mb_samples_and_a_sample_over_256_mb_is_a_clear_error(doubler, registry):
+    big = "a" * 10 * 1024 * 1024  # the gateway's default body limit, reached from Python
+    answers = doubler.map("doubler", ({"n": big + str(n)} for n in range(3)), window=2)
+    for n, answer in enumerate(answers):
+        assert len(answer) == 2 * (len(big) + 1) and answer.endswith(f"a{n}")
+    assert registry.queue_length("inferq.doubler") == 0
+    too_big = {"n": "a" * (256 * 1024 * 1024)}
+    with pytest.raises(InvalidSample, match='^api "doubler": the sample is 268,435,465 bytes of '
+                                            "JSON, over the 256 MiB limit of a message"):
+        doubler.predict("doubler", too_big)
+    assert registry.queue_length("inferq.doubler") == 0

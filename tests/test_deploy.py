@@ -66,6 +66,25 @@ def test_bundle_over_the_limit_is_refused_naming_the_largest_file(tmp_path):
     assert "s3://" in str(caught.value)
 
 
+def test_a_project_of_more_than_10000_files_is_refused_naming_where_they_are(registry,
+                                                                           tmp_path):
+    project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
+    packages = project / "venv" / "lib"
+    packages.mkdir(parents=True)
+    for n in range(10_000):
+        (packages / f"module_{n}.py").touch()
+    done = subprocess.run(inferq_command("deploy", str(project)),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert (f"{project}: the project has more than 10,000 files, the bundle limit "
+            "(most in: venv/ (9,999), the project's top folder (2)); ") in done.stderr
+    assert "INFERQ_MAX_BUNDLE_FILES" in done.stderr and "Traceback" not in done.stderr
+    assert registry.apis() == []  # nothing deployed
+    # In a dot-folder (as a virtualenv usually is) the same files are not part of the bundle.
+    packages.parent.rename(project / ".venv")
+    assert pack(project).files == ("cortex.yaml", "predictor.py")
+
+
 def test_unpack_refuses_a_corrupt_bundle(tmp_path):
     project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
     bundle = pack(project)

@@ -17,10 +17,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 from conftest import Replicas, inferq_command, write_project
 from services import Gateway
 
+from inferq import Client, UnknownAPI
 from inferq.deploy import deploy
 from inferq.processes import wait_until
 from inferq.registry import Registry
@@ -160,6 +162,30 @@ def test_every_answer_of_an_api_endpoint(registry, replicas, start_gateway, tmp_
                                 {"after": "failure"}]
 
 
+def test_a_body_nested_too_deep_is_a_400_naming_the_limit(registry, replicas, start_gateway,
+                                                         tmp_path):
+    record = deploy_echo(registry, tmp_path)
+    replicas.start("echo")
+    gateway = start_gateway()
+    url = gateway.url + "/shop/echo"
+
+    def nested(levels: int) -> bytes:
+        return b"[" * levels + b"]" * levels
+
+    for body in (nested(100_000), nested(101), b'{"a": ' + nested(100) + b"}"):
+        refused = assert_json(requests.post(url, data=body, timeout=30), 400)
+        assert refused == {"api": "echo", "error": "the request body nests deeper than 100 "
+                           "levels (inferq's limit for JSON samples)"}
+    # At the limit, the sample makes the whole trip: parsed, queued, predicted and echoed back.
+    at_limit = json.loads(nested(100))
+    assert assert_json(requests.post(url, data=nested(100), timeout=30), 200) == {
+        "echo": at_limit}
+    # Brackets inside strings are text, not nesting.
+    assert assert_json(post(url, {"text": "[" * 5000}), 200) == {"echo": {"text": "[" * 5000}}
+    assert recorded(record) == [at_limit, {"text": "[" * 5000}]
+    assert "Traceback" not in gateway.log()
+
+
 def test_debug_logs_the_sample_and_the_prediction_on_the_replica(registry, replicas,
                                                                     start_gateway, tmp_path):
     deploy_echo(registry, tmp_path)
@@ -198,6 +224,38 @@ def test_healthz_and_metrics(registry, replicas, start_gateway, tmp_path):
     assert 'inferq_request_duration_seconds_bucket{api="echo",le="0.1"}' in scraped.text
     assert 'inferq_queue_depth{api="echo"} 0.0' in scraped.text
     assert 'inferq_replicas{api="echo",status="live"} 1.0' in scraped.text
+
+
+def test_metrics_have_series_only_for_deployed_apis(registry, start_gateway, tmp_path):
+    deploy_echo(registry, tmp_path)
+    gateway = start_gateway()
+    for n in range(300):  # a scanner trying endpoints
+        assert_json(post(f"{gateway.url}/probe-{n}", {"x": n}), 404)
+    assert_json(requests.get(gateway.url + "/shop/echo", timeout=10), 200)  # no replica needed
+
+    def apis_in_metrics() -> set[str]:
+        text = requests.get(gateway.url + "/metrics", timeout=10).text
+        return set(re.findall(r'\bapi="([^"]*)"', text))
+
+    assert apis_in_metrics() == {"echo"}
+    assert metric(gateway, "inferq_requests_total", api="echo", code="2xx") == 1
+    registry.delete("shop")
+    assert apis_in_metrics() == set()  # a deleted API's series go with it
+
+
+def test_a_404_names_at_most_10_deployed_endpoints(registry, start_gateway, tmp_path):
+    apis = "".join(f"- kind: api\n  name: api-{n:02}\n  predictor: {{path: predictor.py}}\n"
+                   for n in range(25))
+    deploy(write_project(tmp_path / "many", "- kind: deployment\n  name: many\n" + apis,
+                         {"predictor.py": PREDICTOR}), registry)
+    gateway = start_gateway()
+    missing = assert_json(post(gateway.url + "/nowhere", {}), 404)
+    listed = ", ".join(f"/many/api-{n:02}" for n in range(10))
+    assert missing == {"error": f"no API at /nowhere (deployed endpoints: {listed} and 15 more)"}
+    with Client(registry.url) as client, pytest.raises(UnknownAPI) as caught:
+        client.predict("nowhere", {})
+    assert str(caught.value).endswith("(deployed: api-00, api-01, api-02, api-03, api-04, "
+                                      "api-05, api-06, api-07, api-08, api-09 and 15 more)")
 
 
 # -- routes follow the registry ----------------------------------------------------------------

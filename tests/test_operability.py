@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from conftest import inferq_command, write_project
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inferq import Client
 from inferq.deploy import deploy
 from inferq.processes import wait_until
+from inferq.registry import TRACKER_CLASSES_KEPT
 
 PREDICTOR = """
 def predict(sample, metadata):
@@ -97,6 +100,60 @@ def test_get_counts_requests_by_class_and_shows_the_class_distribution(
     assert stats == {"classes": {"cat": 3, "bird": 1, "dog": 1}}
 
 
+LABELLER = """
+def predict(sample, metadata):
+    return {"label": "x" * sample["size"] if "size" in sample else sample["label"]}
+"""
+
+
+def test_a_free_text_classifier_keeps_100_short_classes_and_a_readable_inferq_get(
+        registry, replicas, tmp_path):
+    deploy(write_project(tmp_path / "labels", """
+    - kind: deployment
+      name: labels
+    - kind: api
+      name: labels
+      predictor: {path: predictor.py}
+      tracker: {model_type: classification, key: label}
+    """, {"predictor.py": LABELLER}), registry)
+    replicas.start("labels")
+    with Client(registry.url) as client:
+        assert len(client.predict("labels", {"size": 20_000_000})["label"]) == 20_000_000
+        samples = [{"label": f"class-{n}"} for n in range(150)] + [{"label": "class-7"}] * 5
+        assert len(list(client.map("labels", samples))) == 155
+
+    # The 20 MB label is one class, cut to 64 characters; 99 short ones join it and the
+    # 51 labels after the first 100 classes are counted together as "other".
+    stats = json.loads(inferq("get", "labels", "--output", "json").stdout)[0]["tracker"]
+    assert len(stats["classes"]) == TRACKER_CLASSES_KEPT and stats["other"] == 51
+    assert stats["classes"]["x" * 63 + "…"] == 1
+    assert list(stats["classes"].items())[0] == ("class-7", 6)  # most frequent first
+    assert sum(stats["classes"].values()) + stats["other"] == 156
+
+    shown = inferq("get", "labels")
+    assert shown.returncode == 0, shown.stderr
+    assert len(shown.stdout) < 10_000  # it printed all 20 MB
+    after = shown.stdout.split("tracker (classification):\n")[1].splitlines()
+    tracker = list(itertools.takewhile(lambda line: line.startswith("  "), after))
+    assert len(tracker) == 1 + 20 + 2  # header, the top 20, the rest, "other"
+    assert max(len(line) for line in tracker) < 80  # not padded to the longest label
+    assert tracker[1].split() == ["class-7", "6", "3.8%"]
+    assert tracker[-2].split()[-2:] == ["80", "51.3%"] and "(80 more classes)" in tracker[-2]
+    assert "(other: past the first 100 classes)" in tracker[-1] and " 51 " in tracker[-1]
+
+
+def test_replicas_tracking_at_once_never_keep_more_than_100_classes(registry):
+    def track(replica: int) -> None:
+        for n in range(60):
+            registry.track_class("busy", f"replica-{replica}-label-{n}")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(track, range(8)))
+    stats = registry.tracker_stats("busy")
+    assert len(stats["classes"]) == TRACKER_CLASSES_KEPT
+    assert sum(stats["classes"].values()) + stats["other"] == 8 * 60
+
+
 def test_regression_tracker_keeps_count_min_max_and_mean(registry, scalers, tmp_path):
     deploy(project(tmp_path, "{model_type: regression, key: price}", "regression"), registry)
     scalers.start()
@@ -131,6 +188,64 @@ def test_logs_show_a_debug_requests_sample_and_prediction(registry, scalers, gat
     assert "[host-a-" in text  # each line names its replica
     history = inferq("logs", "classify", "--no-follow").stdout
     assert "zebra-42" in history
+
+
+def test_a_20_mb_log_line_is_kept_cut_to_10000_characters(registry, scalers, tmp_path):
+    deploy(write_project(tmp_path / "shouter", """
+    - kind: deployment
+      name: shouter
+    - kind: api
+      name: shouter
+      predictor: {path: predictor.py}
+    """, {"predictor.py": """
+    def predict(sample, metadata):
+        print("y" * sample["shout"], flush=True)
+        return "done"
+    """}), registry)
+    scalers.start()
+    live(registry, "shouter")
+    with Client(registry.url) as client:
+        assert client.predict("shouter", {"shout": 20_000_000}) == "done"
+
+    def shipped():
+        text = inferq("logs", "shouter", "--no-follow").stdout
+        return "more characters)" in text and text
+
+    text = wait_until(shipped, 30, what="the long line in `inferq logs`")
+    assert len(text) < 50_000
+    long_line = next(line for line in text.splitlines() if "more characters)" in line)
+    assert re.search(r"y{9000,}… \(19,99\d,\d{3} more characters\)$", long_line), long_line[-80:]
+    assert len(long_line) < 10_100  # the replica's prefix, 10,000 characters, the marker
+
+
+def test_a_20_mb_init_error_keeps_inferq_get_readable(registry, scalers, tmp_path):
+    deploy(write_project(tmp_path / "loud", """
+    - kind: deployment
+      name: loud
+    - kind: api
+      name: loud
+      predictor: {path: predictor.py}
+    """, {"predictor.py": """
+    def init(model_path, metadata):
+        raise ValueError("z" * 20_000_000)
+
+
+    def predict(sample, metadata):
+        return None
+    """}), registry)
+    scalers.start()
+
+    def failed():
+        rows = json.loads(inferq("get", "loud", "--output", "json").stdout)
+        return rows[0]["status"] == "error" and rows[0]["reason"] and rows[0]
+
+    row = wait_until(failed, 60, what="the API in error")
+    assert len(json.dumps(row)) < 40_000  # the error is kept as its start and its end
+    shown = inferq("get", "loud")
+    assert shown.returncode == 0, shown.stderr
+    assert len(shown.stdout) < 10_000
+    assert "ValueError: zzzz" in shown.stdout and "more characters)" in shown.stdout
+    assert max(len(line) for line in shown.stdout.splitlines()) < 400
 
 
 def _read_until(process, seen: list, marker: str) -> bool:

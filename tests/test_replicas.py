@@ -173,6 +173,13 @@ def predict(sample, metadata):
         return {"tags": {1, 2}}
     if kind == "nan":
         return math.nan
+    if kind == "bigint":
+        return {"n": 10 ** 5000}
+    if kind == "deep":
+        deep = []
+        for _ in range(5000):
+            deep = [deep]
+        return deep
     if kind == "numpy":
         return {
             "score": np.float32(0.5),
@@ -235,9 +242,11 @@ def test_numpy_values_are_converted_and_what_json_cannot_carry_is_a_clear_error(
         ("object", "prediction['model'] is not JSON-serialisable: builtins.object"),
         ("set", "prediction['tags'] is not JSON-serialisable: builtins.set"),
         ("nan", "prediction is nan, which JSON cannot carry"),
+        ("deep", "the prediction nests too deep to be sent as JSON"),
+        ("bigint", "prediction['n'] is an integer JSON cannot carry: Exceeds the limit (4300"),
     ]:
         with pytest.raises(PredictionError) as caught:
-            client.predict("faulty", {"kind": kind})
+            client.predict("faulty", {"kind": kind}, timeout=20)
         assert caught.value.api == "faulty"
         assert message in str(caught.value), kind
     assert client.predict("faulty", {"value": 2}) == 4

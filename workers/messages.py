@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kombu.utils.json import dumps as kombu_dumps
+
 TASK_NAME = "inferq.predict"
 EXTRA_HEADER = "inferq_extra"
 
@@ -61,7 +63,8 @@ def encode_batch(task_id: str, samples: list[Any], replies: list[tuple[str, str,
 
 def _envelope(task_id: str, args: list, kwargs: dict, *, queue: str, reply_to: str,
               expires_at: float, extra: int) -> str:
-    body = json.dumps([args, kwargs, _EMBED], separators=(",", ":"), allow_nan=False)
+    # kombu's encoder, as send_task's: dates, decimals and UUIDs travel as they would there.
+    body = kombu_dumps([args, kwargs, _EMBED], separators=(",", ":"), allow_nan=False)
     expires = datetime.fromtimestamp(expires_at, UTC).isoformat()
     return json.dumps({
         "body": body,

@@ -101,7 +101,13 @@ class Replica:
             return Outcome(error=exc.reason)
 
     def _answer(self, prediction: Any, debug: bool, started: float) -> Any:
-        prediction = to_jsonable(prediction, api=self.api.name)
+        try:
+            prediction = to_jsonable(prediction, api=self.api.name)
+        except RecursionError:  # uncaught, the caller would get no reply and wait out its timeout
+            raise PredictionError(
+                "the prediction nests too deep to be sent as JSON (keep it to a few hundred "
+                "levels)", api=self.api.name,
+            ) from None
         if self.tracker is not None:
             self.tracker.track(prediction)
         if debug:
@@ -213,6 +219,8 @@ def to_jsonable(value: Any, *, api: str, where: str = "prediction") -> Any:
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
+        if value.bit_length() > 10_000:  # near Python's 4300-digit limit of int -> text
+            _check_writable(value, api=api, where=where)
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -238,6 +246,14 @@ def to_jsonable(value: Any, *, api: str, where: str = "prediction") -> Any:
         " (return dicts, lists, strings, numbers, booleans or None; numpy values are converted)",
         api=api,
     )
+
+
+def _check_writable(number: int, *, api: str, where: str) -> None:
+    # Otherwise the reply (or the tracker) would fail writing it, and no answer would be sent.
+    try:
+        str(number)
+    except ValueError as exc:
+        raise PredictionError(f"{where} is an integer JSON cannot carry: {exc}", api=api) from None
 
 
 def _is_numpy_scalar(value: Any) -> bool:

@@ -5,6 +5,10 @@ prediction (the prediction itself when it is not an object); ``model_type: regre
 count, min, max and mean of the float values. Every prediction a replica makes is tracked,
 whichever way its request arrived. A prediction that cannot be tracked is logged once per
 reason and never fails the request.
+
+Classes are bounded (see :meth:`Registry.track_class`): a label is kept to 64 characters, an
+API to 100 classes, and labels past those are counted together as "other", so a predictor
+that answers free text cannot fill Redis or ``inferq get``.
 """
 
 from __future__ import annotations

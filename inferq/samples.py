@@ -1,0 +1,93 @@
+"""What a sample may be: JSON, nested at most :data:`MAX_NESTING` levels, at most
+:data:`MAX_SAMPLE_BYTES` long.
+
+Every step a sample takes (the gateway's parser, kombu's encoder and decoder, the replica's
+conversion of the prediction) is recursive in Python, one stack frame or more per level, under
+Python's recursion limit of 1000. A sample nested deeper than a few hundred levels would crash
+one of them; a limit of 100 levels leaves room for all of them and is far beyond real inputs
+(an image batch nests 4 levels). Depth is read from the JSON text without parsing it, so a body
+of 100,000 ``[`` costs a scan, never a recursion.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from kombu.utils.json import dumps as kombu_dumps
+
+from inferq.errors import InvalidSample
+
+#: The deepest a sample may nest: ``[[1, 2]]`` nests 2 levels.
+MAX_NESTING = 100
+
+#: The longest sample, as JSON. Redis refuses a message over 512 MB (``proto-max-bulk-len``)
+#: and kombu sends the body in base64 (4/3 of it); a larger input belongs on S3.
+MAX_SAMPLE_BYTES = 256 * 1024 * 1024
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_CHUNK = 1 << 20  # brackets counted at once: bounds the scan's memory for a 10 MiB body
+
+
+def nesting_depth(text: bytes) -> int:
+    """How deep the JSON ``text`` (UTF-8) nests, read without parsing it."""
+    import numpy  # only here: importing inferq must stay quick
+
+    brackets = _STRING.sub(b"", text).translate(None, _NOT_BRACKET)
+    steps = numpy.frombuffer(brackets, dtype=numpy.uint8)
+    level = deepest = 0
+    for start in range(0, len(steps), _CHUNK):
+        chunk = steps[start:start + _CHUNK]
+        # "[" and "{" open (+1), "]" and "}" close (-1); the running sum is the depth.
+        levels = numpy.cumsum(numpy.where((chunk == 0x5B) | (chunk == 0x7B), 1, -1),
+                              dtype=numpy.int64) + level
+        deepest = max(deepest, int(levels.max()))
+        level = int(levels[-1])
+    return deepest
+
+
+def too_deep_message(what: str) -> str:
+    return f"{what} nests deeper than {MAX_NESTING} levels (inferq's limit for JSON samples)"
+
+
+def load_body(body: bytes) -> Any:
+    """The sample in an HTTP request body; ValueError saying why it cannot be one."""
+    encoding = json.detect_encoding(body)
+    utf8 = body if encoding.startswith("utf-8") else body.decode(encoding, "replace").encode()
+    # Counting brackets is a quick scan; only a body with that many can nest that deep.
+    if utf8.count(b"[") + utf8.count(b"{") > MAX_NESTING and nesting_depth(utf8) > MAX_NESTING:
+        raise ValueError(too_deep_message("the request body"))
+    try:
+        return json.loads(body)
+    except RecursionError:  # unreachable while the scan is right; never a 500
+        raise ValueError(too_deep_message("the request body")) from None
+    except ValueError as exc:
+        raise ValueError(f"the request body is not JSON: {exc}") from None
+
+
+def check_sample(sample: Any, *, api: str, index: int | None = None) -> None:
+    """Raise :class:`InvalidSample` unless ``sample`` can travel to a replica as JSON.
+
+    It is encoded as kombu will encode it (so dates and decimals pass, as they would), and its
+    size and depth are checked, before anything is queued.
+    """
+    try:
+        text = kombu_dumps(sample)
+    except RecursionError:
+        raise InvalidSample(too_deep_message("the sample"), api=api, index=index) from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidSample(
+            f"the sample is not JSON-serialisable: {exc} (send dicts, lists, strings, "
+            "numbers, booleans or None; a numpy array as array.tolist())",
+            api=api, index=index,
+        ) from None
+    if len(text) > MAX_SAMPLE_BYTES:  # kombu's JSON is ASCII: characters are bytes
+        raise InvalidSample(
+            f"the sample is {len(text):,} bytes of JSON, over the {MAX_SAMPLE_BYTES // 2**20} "
+            "MiB limit of a message; put large inputs on S3 and send their address",
+            api=api, index=index,
+        )
+    if nesting_depth(text.encode("utf-8", "surrogatepass")) > MAX_NESTING:
+        raise InvalidSample(too_deep_message("the sample"), api=api, index=index)
