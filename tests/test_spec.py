@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 
 import pytest
+import yaml
 from conftest import EXAMPLES, write_project
 
 from inferq.configs import (
+    Api,
     Compute,
     Problem,
     ServerSideBatching,
+    api_yaml,
     format_cpu,
     format_mem,
     load_project,
@@ -592,9 +596,39 @@ def test_to_yaml_round_trips_through_cortex_yaml(tmp_path):
     assert to_yaml(second) == rendered
 
 
-def test_to_yaml_writes_every_key_in_a_readable_order(tmp_path):
-    import yaml
+@pytest.mark.parametrize("interval", ["100ms", "0.0005", "2", "1.5s", "59s"])
+def test_server_side_batching_round_trips_through_yaml_and_the_registry(tmp_path, interval):
+    first = load(tmp_path, api(predictor=batching(max_batch_size="16", batch_interval=interval)))
+    rendered = to_yaml(first)
+    (first.project_dir / "cortex.yaml").write_text(rendered)
+    assert load_project(first.project_dir) == first
+    (found,) = first.apis
+    # The registry stores to_dict() as JSON; `inferq get` renders what comes back.
+    stored = Api.from_dict(json.loads(json.dumps(found.to_dict())))
+    assert stored == found
+    shown = yaml.safe_load(api_yaml(stored))["predictor"]["server_side_batching"]
+    expected = found.predictor.server_side_batching
+    assert shown["max_batch_size"] == expected.max_batch_size == 16
+    assert parse_duration(shown["batch_interval"]) == expected.batch_interval
 
+
+def test_server_side_batching_is_shown_as_a_duration(tmp_path):
+    found = load(tmp_path, api(predictor=batching(max_batch_size="8", batch_interval="0.1")))
+    assert "server_side_batching:\n      max_batch_size: 8\n      batch_interval: 100ms\n" in (
+        to_yaml(found))
+    assert "server_side_batching:\n    max_batch_size: 8\n    batch_interval: 100ms\n" in (
+        api_yaml(found.apis[0]))
+
+
+def test_an_api_without_server_side_batching_stores_what_it_stored_before(tmp_path):
+    # The API's version hashes to_dict(): a new null key would make every API look changed.
+    (found,) = load(tmp_path, api()).apis
+    assert found.to_dict()["predictor"] == {"path": "predictor.py", "model": None,
+                                            "python_path": ".", "metadata": {}}
+    assert Api.from_dict(found.to_dict()) == found
+
+
+def test_to_yaml_writes_every_key_in_a_readable_order(tmp_path):
     resources = yaml.safe_load(to_yaml(load(tmp_path, api())))
     assert resources[0] == {"kind": "deployment", "name": "shop"}
     assert list(resources[1]) == ["kind", "name", "endpoint", "predictor", "tracker", "compute"]
