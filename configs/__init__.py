@@ -6,7 +6,15 @@ This package depends on nothing else of inferq but :mod:`inferq.errors` (a leaf 
 from inferq.configs.loader import Problem, load_project
 from inferq.configs.quantities import format_cpu, format_mem, parse_cpu, parse_duration, parse_mem
 from inferq.configs.render import api_yaml, to_yaml
-from inferq.configs.spec import Api, Compute, Deployment, Onnx, Predictor, Tracker
+from inferq.configs.spec import (
+    Api,
+    Compute,
+    Deployment,
+    Onnx,
+    Predictor,
+    ServerSideBatching,
+    Tracker,
+)
 
 __all__ = [
     "Api",
@@ -15,6 +23,7 @@ __all__ = [
     "Onnx",
     "Predictor",
     "Problem",
+    "ServerSideBatching",
     "Tracker",
     "api_yaml",
     "format_cpu",

@@ -14,11 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inferq.configs.quantities import describe, parse_cpu, parse_duration, parse_mem
+from inferq.configs.quantities import (
+    describe,
+    format_duration,
+    parse_cpu,
+    parse_duration,
+    parse_mem,
+)
 
 Convert = Callable[[Any, Path], Any]
 BAD = type("Bad", (), {"__repr__": lambda self: "BAD"})()  # marks a value with a problem
 RESERVED_ENDPOINTS = ("/healthz", "/metrics")
+# server_side_batching: a batch is one message and one predict_batch call, so it must fit a
+# replica's memory; a caller waits out the interval before its request even leaves.
+MAX_BATCH_SIZE = 1024
+MAX_BATCH_INTERVAL = 60.0  # seconds
 
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 _ENDPOINT = re.compile(r"/[A-Za-z0-9._~/-]*")
@@ -78,6 +88,19 @@ def quantity(parse: Callable[[Any], Any], minimum: str = "positive") -> Convert:
         if minimum == "positive" and not parsed > 0:
             raise Invalid(f"must be more than 0, got {describe(value)}")
         return parsed
+
+    return convert
+
+
+def duration(at_most: float) -> Convert:
+    """A duration of more than 0 and at most ``at_most`` seconds."""
+    positive = quantity(parse_duration)
+
+    def convert(value: Any, root: Path) -> float:
+        seconds = positive(value, root)
+        if seconds > at_most:
+            raise Invalid(f"must be at most {format_duration(at_most)}, got {describe(value)}")
+        return seconds
 
     return convert
 
@@ -229,9 +252,17 @@ def _is_ip(text: str) -> bool:
 DEPLOYMENT = Schema({"name": name}, required=("name",), hints={"name": "the deployment's name"},
                     ignored=("kind",))
 
+SERVER_SIDE_BATCHING = Schema(
+    {"max_batch_size": integer(1, MAX_BATCH_SIZE),
+     "batch_interval": duration(at_most=MAX_BATCH_INTERVAL)},
+    required=("max_batch_size", "batch_interval"),
+    hints={"max_batch_size": f"the most requests in one batch, 1 to {MAX_BATCH_SIZE}",
+           "batch_interval": "how long a batch gathers requests, e.g. 100ms"},
+)
+
 PREDICTOR = Schema(
     {"path": project_file(".py", "a Python file"), "model": model(), "python_path": folder,
-     "metadata": metadata},
+     "metadata": metadata, "server_side_batching": SERVER_SIDE_BATCHING},
     required=("path",),
     hints={"path": "the predictor file, relative to the project folder"},
 )

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from inferq.configs import fields as f
-from inferq.configs.quantities import describe
+from inferq.configs.quantities import describe, format_duration
 from inferq.configs.spec import Api, Compute, Deployment, Onnx, Predictor, Tracker
 from inferq.errors import ConfigError
 
@@ -215,6 +215,7 @@ def _api(resource: dict, index: int, deployment: str | None, root: Path,
         values["endpoint"] = f"/{deployment}/{values['name']}"
     compute = values.get("compute", {})
     compute = _compute(compute, label, report) if compute is not f.BAD else None
+    _check_batch_interval(values.get("predictor"), compute, label, report)
     if len(report.problems) > before or deployment is None:
         return label, None, values
     api = Api(
@@ -222,7 +223,7 @@ def _api(resource: dict, index: int, deployment: str | None, root: Path,
         deployment=deployment,
         endpoint=values["endpoint"],
         compute=compute,
-        predictor=Predictor(**values["predictor"]) if "predictor" in values else None,
+        predictor=Predictor.from_dict(values["predictor"]) if "predictor" in values else None,
         onnx=Onnx(**values["onnx"]) if "onnx" in values else None,
         tracker=Tracker(**values["tracker"]) if "tracker" in values else None,
     )
@@ -245,6 +246,22 @@ def _compute(values: dict, label: str, report: _Report) -> Compute | None:
                                                    f"max_replicas ({high}), got {init}")
         return None
     return Compute(**{**values, "init_replicas": init})
+
+
+def _check_batch_interval(predictor: Any, compute: Compute | None, label: str,
+                          report: _Report) -> None:
+    """A batch waits out its interval before it leaves, so the interval is under the timeout.
+
+    Otherwise a request that arrives alone would always be answered 504.
+    """
+    batching = predictor.get("server_side_batching") if isinstance(predictor, dict) else None
+    if not isinstance(batching, dict) or compute is None:
+        return
+    interval = batching.get("batch_interval", f.BAD)
+    if interval is not f.BAD and interval >= compute.timeout:
+        report.add(label, "predictor.server_side_batching.batch_interval",
+                   f"must be less than compute.timeout ({format_duration(compute.timeout)}), "
+                   f"got {format_duration(interval)}")
 
 
 def _check_unique(apis: list[tuple[str, Api | None, dict]], report: _Report) -> None:

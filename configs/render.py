@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from inferq.configs.quantities import format_cpu, format_duration, format_mem
-from inferq.configs.spec import Api, Compute, Deployment
+from inferq.configs.spec import Api, Compute, Deployment, Predictor
 
 _DURATIONS = ("timeout", "upscale_stabilization_period", "downscale_stabilization_period")
 
@@ -31,11 +31,19 @@ def _api(api: Api) -> dict[str, Any]:
     # Key order follows the v0.11 docs, not the alphabet: kind, name, endpoint, then sections.
     data: dict[str, Any] = {"kind": "api", "name": api.name, "endpoint": api.endpoint}
     if api.predictor is not None:
-        data["predictor"] = asdict(api.predictor)
+        data["predictor"] = _predictor(api.predictor)
     if api.onnx is not None:
         data["onnx"] = asdict(api.onnx)
     data["tracker"] = asdict(api.tracker) if api.tracker is not None else None
     data["compute"] = _compute(api.compute)
+    return data
+
+
+def _predictor(predictor: Predictor) -> dict[str, Any]:
+    data = asdict(predictor)  # server_side_batching: null when unset, like every default
+    if predictor.server_side_batching is not None:
+        interval = predictor.server_side_batching.batch_interval
+        data["server_side_batching"]["batch_interval"] = format_duration(interval)
     return data
 
 

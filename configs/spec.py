@@ -15,6 +15,18 @@ ModelType = Literal["classification", "regression"]
 
 
 @dataclass(frozen=True)
+class ServerSideBatching:
+    """Dynamic batching at the gateway: concurrent requests travel to a replica together.
+
+    Requests that arrive within ``batch_interval`` seconds of the first, up to
+    ``max_batch_size`` of them, go as one message and reach ``predict_batch`` at once.
+    """
+
+    max_batch_size: int
+    batch_interval: float  # seconds
+
+
+@dataclass(frozen=True)
 class Predictor:
     """A Python predictor: ``path`` holds ``init(model_path, metadata)`` and ``predict``."""
 
@@ -22,6 +34,15 @@ class Predictor:
     model: str | None = None  # s3://bucket/key[/] or a project-relative path
     python_path: str = "."  # relative to the project root
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Extension (an optional key; every v0.11 file stays valid):
+    server_side_batching: ServerSideBatching | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Predictor:
+        """A predictor from its keys, ``server_side_batching`` as a mapping or absent."""
+        batching = data.get("server_side_batching")
+        return cls(**{**data, "server_side_batching":
+                      ServerSideBatching(**batching) if batching is not None else None})
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,11 @@ class Api:
         for key in ("predictor", "onnx", "tracker"):
             if data[key] is None:
                 del data[key]
+        # Left out when unset, so the version of an API without it (a hash of this) is what it
+        # was before the key existed: an unchanged project stays unchanged across an upgrade.
+        predictor = data.get("predictor")
+        if predictor is not None and predictor["server_side_batching"] is None:
+            del predictor["server_side_batching"]
         return data
 
     @classmethod
@@ -92,7 +118,7 @@ class Api:
             deployment=data["deployment"],
             endpoint=data["endpoint"],
             compute=Compute(**data["compute"]),
-            predictor=Predictor(**data["predictor"]) if data.get("predictor") else None,
+            predictor=Predictor.from_dict(data["predictor"]) if data.get("predictor") else None,
             onnx=Onnx(**data["onnx"]) if data.get("onnx") else None,
             tracker=Tracker(**data["tracker"]) if data.get("tracker") else None,
         )

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 
 import pytest
+import yaml
 from conftest import EXAMPLES, write_project
 
 from inferq.configs import (
+    Api,
     Compute,
     Problem,
+    ServerSideBatching,
+    api_yaml,
     format_cpu,
     format_mem,
     load_project,
@@ -52,6 +57,12 @@ def second_api(*lines: str, name: str = "b", **keys: str) -> str:
 
 def compute(**values: str) -> str:
     return "compute:\n" + "".join(f"  {key}: {value}\n" for key, value in values.items())
+
+
+def batching(**values: str) -> str:
+    """A predictor (for ``api(predictor=...)``) with a ``server_side_batching`` block."""
+    block = ", ".join(f"{key}: {value}" for key, value in values.items())
+    return f"path: predictor.py; server_side_batching: {{{block}}}"
 
 
 def problems(tmp_path, monkeypatch, text: str, files: dict | None = None) -> list[str]:
@@ -161,6 +172,76 @@ INVALID = [
      IRIS + "predictor.modle: unknown key (did you mean model?)"),
     ("predictor-not-mapping", api(predictor="", name="iris") + "  predictor: predictor.py\n",
      IRIS + 'predictor: must be a mapping of keys, got "predictor.py"'),
+    # predictor.server_side_batching (extension)
+    ("batch-size-zero", api(predictor=batching(max_batch_size="0", batch_interval="10ms")),
+     IRIS + "predictor.server_side_batching.max_batch_size: must be between 1 and 1024, got 0"),
+    ("batch-size-negative", api(predictor=batching(max_batch_size="-4", batch_interval="10ms")),
+     IRIS + "predictor.server_side_batching.max_batch_size: must be between 1 and 1024, got -4"),
+    ("batch-size-over-1024",
+     api(predictor=batching(max_batch_size="1025", batch_interval="10ms")),
+     IRIS + "predictor.server_side_batching.max_batch_size: must be between 1 and 1024, "
+            "got 1025"),
+    ("batch-size-float", api(predictor=batching(max_batch_size="2.5", batch_interval="10ms")),
+     IRIS + "predictor.server_side_batching.max_batch_size: must be an integer, got 2.5"),
+    ("batch-size-string", api(predictor=batching(max_batch_size='"8"', batch_interval="10ms")),
+     IRIS + 'predictor.server_side_batching.max_batch_size: must be an integer, got "8"'),
+    ("batch-size-bool", api(predictor=batching(max_batch_size="yes", batch_interval="10ms")),
+     IRIS + "predictor.server_side_batching.max_batch_size: must be an integer, got true"),
+    ("batch-size-missing", api(predictor=batching(batch_interval="10ms")),
+     IRIS + "predictor.server_side_batching.max_batch_size: required (the most requests in "
+            "one batch, 1 to 1024)"),
+    ("batch-interval-missing", api(predictor=batching(max_batch_size="8")),
+     IRIS + "predictor.server_side_batching.batch_interval: required (how long a batch "
+            "gathers requests, e.g. 100ms)"),
+    ("batch-interval-zero", api(predictor=batching(max_batch_size="8", batch_interval="0")),
+     IRIS + "predictor.server_side_batching.batch_interval: must be more than 0, got 0"),
+    ("batch-interval-zero-ms",
+     api(predictor=batching(max_batch_size="8", batch_interval="0ms")),
+     IRIS + 'predictor.server_side_batching.batch_interval: must be more than 0, got "0ms"'),
+    ("batch-interval-negative",
+     api(predictor=batching(max_batch_size="8", batch_interval="-5ms")),
+     IRIS + 'predictor.server_side_batching.batch_interval: "-5ms" is negative'),
+    ("batch-interval-garbage",
+     api(predictor=batching(max_batch_size="8", batch_interval="soon")),
+     IRIS + 'predictor.server_side_batching.batch_interval: "soon" is not a duration '
+            "(examples: 30, 500ms, 30s, 2m)"),
+    ("batch-interval-over-60s",
+     api(predictor=batching(max_batch_size="8", batch_interval="2m")),
+     IRIS + 'predictor.server_side_batching.batch_interval: must be at most 60s, got "2m"'),
+    ("batch-interval-over-60-seconds",
+     api(predictor=batching(max_batch_size="8", batch_interval="60.5")),
+     IRIS + "predictor.server_side_batching.batch_interval: must be at most 60s, got 60.5"),
+    ("batch-interval-not-under-timeout",
+     api(compute(timeout="1s"), predictor=batching(max_batch_size="8", batch_interval="1s")),
+     IRIS + "predictor.server_side_batching.batch_interval: must be less than compute.timeout "
+            "(1s), got 1s"),
+    ("batch-interval-not-under-default-timeout",
+     api(predictor=batching(max_batch_size="8", batch_interval="60s")),
+     IRIS + "predictor.server_side_batching.batch_interval: must be less than compute.timeout "
+            "(60s), got 60s"),
+    ("batching-unknown-key",
+     api(predictor=batching(max_batch_size="8", batch_interval="10ms", timeout="1s")),
+     IRIS + "predictor.server_side_batching.timeout: unknown key (valid keys: batch_interval, "
+            "max_batch_size)"),
+    ("batching-key-typo",
+     api(predictor=batching(max_batch_size="8", batch_interval="10ms", interval="5ms")),
+     IRIS + "predictor.server_side_batching.interval: unknown key (did you mean "
+            "batch_interval?)"),
+    ("batching-not-mapping",
+     api(predictor="path: predictor.py; server_side_batching: 8"),
+     IRIS + "predictor.server_side_batching: must be a mapping of keys, got 8"),
+    ("batching-true", api(predictor="path: predictor.py; server_side_batching: true"),
+     IRIS + "predictor.server_side_batching: must be a mapping of keys, got true"),
+    ("batching-under-onnx",
+     api("onnx:\n  model: model.onnx\n  server_side_batching: {max_batch_size: 8, "
+         "batch_interval: 10ms}", predictor=""),
+     IRIS + "onnx.server_side_batching: unknown key (valid keys: metadata, model, python_path, "
+            "request_handler)"),
+    ("batching-at-api-level", api("server_side_batching: {max_batch_size: 8, batch_interval: 1s}"),
+     IRIS + "server_side_batching: unknown key (valid keys: compute, endpoint, name, onnx, "
+            "predictor, tracker)"),
+    ("batching-under-compute", api(compute(server_side_batching="{max_batch_size: 8}")),
+     IRIS + "compute.server_side_batching: unknown key"),
     # predictor / onnx / tensorflow
     ("both-predictor-and-onnx", api("onnx:\n  model: model.onnx"),
      IRIS.rstrip(": ") + ": has both predictor and onnx; keep exactly one of them"),
@@ -307,6 +388,25 @@ def test_one_file_with_many_problems_reports_all_of_them_at_once(tmp_path, monke
     assert found[5].startswith('cortex.yaml: api "Tagger": name: "Tagger" is not a valid name')
 
 
+@pytest.mark.parametrize(("block", "expected"), [
+    ("{}", [IRIS + "predictor.server_side_batching.max_batch_size: required",
+            IRIS + "predictor.server_side_batching.batch_interval: required"]),
+    ("{batch_size: 8, batch_interval: 10ms}",
+     [IRIS + "predictor.server_side_batching.batch_size: unknown key (did you mean "
+             "max_batch_size?)",
+      IRIS + "predictor.server_side_batching.max_batch_size: required"]),
+    ("{max_batch_size: 0, batch_interval: 0}",
+     [IRIS + "predictor.server_side_batching.max_batch_size: must be between 1 and 1024",
+      IRIS + "predictor.server_side_batching.batch_interval: must be more than 0"]),
+])
+def test_a_server_side_batching_block_reports_each_of_its_problems(tmp_path, monkeypatch, block,
+                                                                   expected):
+    text = api(predictor=f"path: predictor.py; server_side_batching: {block}")
+    found = problems(tmp_path, monkeypatch, text)
+    assert len(found) == len(expected), found
+    assert all(line.startswith(start) for line, start in zip(found, expected)), found
+
+
 def test_a_missing_cortex_yaml_names_the_folder(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_project(tmp_path)
@@ -439,6 +539,26 @@ def test_null_values_mean_the_default(tmp_path):
     assert found.compute == Compute() and found.tracker is None
 
 
+@pytest.mark.parametrize(("predictor", "lines", "expected"), [
+    ("path: predictor.py", (), None),
+    ("path: predictor.py; server_side_batching:", (), None),  # null means the default
+    (batching(max_batch_size="8", batch_interval="100ms"), (), ServerSideBatching(8, 0.1)),
+    (batching(batch_interval="0.25", max_batch_size="32"), (), ServerSideBatching(32, 0.25)),
+    (batching(max_batch_size="4", batch_interval="2"), (), ServerSideBatching(4, 2.0)),
+    (batching(max_batch_size="4", batch_interval="1.5s"), (), ServerSideBatching(4, 1.5)),
+    (batching(max_batch_size="4", batch_interval='"1ms"'), (), ServerSideBatching(4, 0.001)),
+    (batching(max_batch_size="1", batch_interval="10ms"), (), ServerSideBatching(1, 0.01)),
+    (batching(max_batch_size="1024", batch_interval="10ms"), (), ServerSideBatching(1024, 0.01)),
+    (batching(max_batch_size="16", batch_interval="1m"), (compute(timeout="90s"),),
+     ServerSideBatching(16, 60.0)),
+    (batching(max_batch_size="16", batch_interval="59s"), (), ServerSideBatching(16, 59.0)),
+])
+def test_server_side_batching_resolves_to_a_size_and_seconds(tmp_path, predictor, lines,
+                                                            expected):
+    (found,) = load(tmp_path, api(*lines, predictor=predictor)).apis
+    assert found.predictor.server_side_batching == expected
+
+
 def test_a_yaml_file_path_is_accepted_in_place_of_the_folder(tmp_path):
     project = write_project(tmp_path / "p", "", FILES)
     (project / "staging.yaml").write_text(api())
@@ -476,14 +596,45 @@ def test_to_yaml_round_trips_through_cortex_yaml(tmp_path):
     assert to_yaml(second) == rendered
 
 
-def test_to_yaml_writes_every_key_in_a_readable_order(tmp_path):
-    import yaml
+@pytest.mark.parametrize("interval", ["100ms", "0.0005", "2", "1.5s", "59s"])
+def test_server_side_batching_round_trips_through_yaml_and_the_registry(tmp_path, interval):
+    first = load(tmp_path, api(predictor=batching(max_batch_size="16", batch_interval=interval)))
+    rendered = to_yaml(first)
+    (first.project_dir / "cortex.yaml").write_text(rendered)
+    assert load_project(first.project_dir) == first
+    (found,) = first.apis
+    # The registry stores to_dict() as JSON; `inferq get` renders what comes back.
+    stored = Api.from_dict(json.loads(json.dumps(found.to_dict())))
+    assert stored == found
+    shown = yaml.safe_load(api_yaml(stored))["predictor"]["server_side_batching"]
+    expected = found.predictor.server_side_batching
+    assert shown["max_batch_size"] == expected.max_batch_size == 16
+    assert parse_duration(shown["batch_interval"]) == expected.batch_interval
 
+
+def test_server_side_batching_is_shown_as_a_duration(tmp_path):
+    found = load(tmp_path, api(predictor=batching(max_batch_size="8", batch_interval="0.1")))
+    assert "server_side_batching:\n      max_batch_size: 8\n      batch_interval: 100ms\n" in (
+        to_yaml(found))
+    assert "server_side_batching:\n    max_batch_size: 8\n    batch_interval: 100ms\n" in (
+        api_yaml(found.apis[0]))
+
+
+def test_an_api_without_server_side_batching_stores_what_it_stored_before(tmp_path):
+    # The API's version hashes to_dict(): a new null key would make every API look changed.
+    (found,) = load(tmp_path, api()).apis
+    assert found.to_dict()["predictor"] == {"path": "predictor.py", "model": None,
+                                            "python_path": ".", "metadata": {}}
+    assert Api.from_dict(found.to_dict()) == found
+
+
+def test_to_yaml_writes_every_key_in_a_readable_order(tmp_path):
     resources = yaml.safe_load(to_yaml(load(tmp_path, api())))
     assert resources[0] == {"kind": "deployment", "name": "shop"}
     assert list(resources[1]) == ["kind", "name", "endpoint", "predictor", "tracker", "compute"]
     assert resources[1]["predictor"] == {"path": "predictor.py", "model": None,
-                                         "python_path": ".", "metadata": {}}
+                                         "python_path": ".", "metadata": {},
+                                         "server_side_batching": None}
     assert resources[1]["compute"] == {
         "min_replicas": 1, "max_replicas": 100, "init_replicas": 1,
         "target_cpu_utilization": 80, "cpu": "200m", "gpu": 0, "mem": None, "timeout": "60s",
