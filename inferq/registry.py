@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from collections.abc import Iterable
@@ -133,6 +134,7 @@ class Registry:
             socket_timeout=socket_timeout, socket_connect_timeout=5, health_check_interval=30,
         )
         self.redis = redis.Redis(connection_pool=pool)
+        self._local = threading.local()  # each thread's reusable pipelines
         # Lua scripts, registered once (each call then sends only the script's hash).
         self._lead = self.redis.register_script(_LEAD_SCRIPT)
         self._resign = self.redis.register_script(_RESIGN_SCRIPT)
@@ -141,6 +143,17 @@ class Registry:
         self._track_class = self.redis.register_script(_TRACK_CLASS_SCRIPT)
 
     # -- connection ---------------------------------------------------------------------------
+
+    def _pipeline(self, *, transaction: bool) -> redis.client.Pipeline:
+        """A pipeline of this thread's own, reused: a new one copies redis-py's ~200 response
+        callbacks, which costs as much CPU as the round trip it makes (the request path)."""
+        pipes = self._local.__dict__.setdefault("pipes", {})
+        pipe = pipes.get(transaction)
+        if pipe is None:
+            pipe = pipes[transaction] = self.redis.pipeline(transaction=transaction)
+        elif pipe.command_stack:  # left over by a build that failed: never send it
+            pipe.reset()
+        return pipe
 
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless Redis answers."""
@@ -197,7 +210,7 @@ class Registry:
             )
             if not records and not removed:
                 return DeployResult(deployment.name, changes, removed)
-            pipe = self.redis.pipeline()
+            pipe = self._pipeline(transaction=True)
             if records:
                 pipe.hset(_key("apis"), mapping=records)
             if removed:
@@ -226,7 +239,7 @@ class Registry:
             previous = self.deployment(name)
             if previous is None:
                 raise DeployError(f'no deployment named "{name}" is deployed')
-            pipe = self.redis.pipeline()
+            pipe = self._pipeline(transaction=True)
             if previous["apis"]:
                 pipe.hdel(_key("apis"), *previous["apis"])
             pipe.srem(_key("deployments"), name)
@@ -278,7 +291,7 @@ class Registry:
     def queued_samples(self, queue: str) -> int:
         """Samples waiting on ``queue`` and held by its replicas (batch messages count each
         sample; see :meth:`in_flight_samples` for the held ones)."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._pipeline(transaction=False)
         pipe.llen(queue)
         pipe.get(self.extra_key(queue))
         length, extra = pipe.execute()
@@ -291,7 +304,7 @@ class Registry:
         BLPOP on the same connection. A refused request pushes its own outcome to the list,
         so the BLPOP returns at once. Returns (outcome, value, the reply or None).
         """
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._pipeline(transaction=False)
         # EVAL, not EVALSHA: a pipeline cannot recover from NOSCRIPT after a broker restart
         # without a second round trip; Redis caches the compiled script by its hash anyway.
         pipe.eval(_ENQUEUE_SCRIPT, 4, _key("changes"), queue, self.extra_key(queue), reply_to,
@@ -322,7 +335,7 @@ class Registry:
 
     def add_request_stats(self, stats: dict[str, dict[str, float]]) -> None:
         """Add per-API counters (``2xx``, ``4xx``, ``5xx``, ``count``, ``latency_sum``)."""
-        pipe = self.redis.pipeline()
+        pipe = self._pipeline(transaction=True)
         for api, values in stats.items():
             for field, value in values.items():
                 pipe.hincrbyfloat(_key("stats", api), field, value)
@@ -421,7 +434,7 @@ class Registry:
 
     def _held(self, api: str, replicas: Iterable[str] | None) -> dict[str, list[dict]]:
         replicas = [r["id"] for r in self.replicas(api)] if replicas is None else list(replicas)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._pipeline(transaction=False)
         for replica in replicas:
             pipe.lrange(self.taken_key(api, replica), 0, -1)
         return {replica: [json.loads(m) for m in messages]
@@ -438,7 +451,7 @@ class Registry:
 
     def forget_replica(self, api: str, replica: str) -> None:
         """Remove the record and usage of a replica that is gone (after :meth:`recover`)."""
-        pipe = self.redis.pipeline()
+        pipe = self._pipeline(transaction=True)
         for kind in ("replicas", "usage"):
             pipe.hdel(_key(kind, api), replica)
         pipe.execute()
@@ -457,7 +470,7 @@ class Registry:
 
     def forget_api(self, api: str) -> None:
         """Drop the runtime state of a deleted API (its stats and logs stay readable a while)."""
-        pipe = self.redis.pipeline()
+        pipe = self._pipeline(transaction=True)
         for kind in ("replicas", "usage", "failure", "status"):
             pipe.delete(_key(kind, api))
         pipe.execute()
@@ -494,7 +507,7 @@ class Registry:
         return len(payloads)
 
     def _take_all(self, key: str) -> list[dict[str, Any]]:
-        pipe = self.redis.pipeline()  # MULTI: read and empty in one step
+        pipe = self._pipeline(transaction=True)  # MULTI: read and empty in one step
         pipe.lrange(key, 0, -1)
         pipe.delete(key)
         raw, _ = pipe.execute()
@@ -515,7 +528,7 @@ class Registry:
     def add_logs(self, api: str, lines: list[tuple[str, str]]) -> None:
         """Append (replica, line) pairs to the API's log stream (the newest 10000 are kept,
         each cut to :data:`LOG_LINE_CHARS`)."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._pipeline(transaction=False)
         for replica, line in lines:
             entry = {"replica": replica, "line": cut_text(line, LOG_LINE_CHARS)}
             pipe.xadd(_key("logs", api), entry, maxlen=LOG_LINES_KEPT, approximate=True)
@@ -595,7 +608,7 @@ class Registry:
         """Hand a reply to the client waiting on ``reply_to``."""
         if not self.is_reply_key(reply_to):
             raise ValueError(f"not an inferq reply list: {reply_to!r}")
-        pipe = self.redis.pipeline()
+        pipe = self._pipeline(transaction=True)
         pipe.rpush(reply_to, json.dumps(reply))
         pipe.expire(reply_to, REPLY_TTL_SECONDS)
         pipe.execute()
@@ -606,7 +619,7 @@ class Registry:
         if first is None:
             return []
         replies = [json.loads(first[1])]
-        pipe = self.redis.pipeline()
+        pipe = self._pipeline(transaction=True)
         pipe.lrange(reply_to, 0, -1)
         pipe.delete(reply_to)
         try:

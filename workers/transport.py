@@ -42,12 +42,11 @@ class QoS(kombu_redis.QoS):
         channel = self.channel
         if not channel.taken_key:
             return super().ack(delivery_tag)
-        with channel.conn_or_acquire() as client:
-            pipe = client.pipeline()  # MULTI: the reply and the acknowledgement, or neither
-            for command in channel.take_with_ack():
-                pipe.execute_command(*command)
-            pipe.delete(channel.taken_key)
-            pipe.execute()
+        pipe = channel.ack_pipeline()  # MULTI: the reply and the acknowledgement, or neither
+        for command in channel.take_with_ack():
+            pipe.execute_command(*command)
+        pipe.delete(channel.taken_key)
+        pipe.execute()
         return virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
@@ -80,6 +79,17 @@ class Channel(kombu_redis.Channel):
         self.taken_key: str | None = options.get(TAKEN_KEY_OPTION)
         self._after_ack: list[tuple] = []
         self._moving: str | None = None  # the queue a BLMOVE in progress reads
+        self._ack_pipe: Any = None
+
+    def ack_pipeline(self) -> Any:
+        """A MULTI pipeline kept for acknowledgements: kombu makes a Redis client per
+        ``conn_or_acquire`` and redis-py copies ~200 response callbacks into each client and
+        pipeline, which cost more than the round trip itself."""
+        if self._ack_pipe is None:
+            self._ack_pipe = self._create_client().pipeline()
+        elif self._ack_pipe.command_stack:  # left over by a failed build: never send it
+            self._ack_pipe.reset()
+        return self._ack_pipe
 
     def send_with_ack(self, *command: Any) -> None:
         """Have the next acknowledgement run ``command`` (e.g. the reply) in its MULTI."""
