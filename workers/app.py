@@ -13,10 +13,18 @@ hour). inferq's own clients (gateway, ``inferq.Client``) pass ``reply_to=<reply 
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 
 TASK_NAME = "inferq.predict"
 RESULT_EXPIRES_SECONDS = 3600
+
+
+def task_events() -> bool:
+    """``INFERQ_TASK_EVENTS=1``: replicas send task events and worker heartbeats (for Flower
+    and ``celery events``). Off by default: each task then costs a few more Redis writes."""
+    return os.environ.get("INFERQ_TASK_EVENTS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def queue_name(api_name: str) -> str:
@@ -34,6 +42,7 @@ def make_app(broker_url: str) -> Celery:
     - ``acks_late`` + prefetch 1 + ``worker_disable_prefetch``: a replica holds only the task
       it runs, so queued work stays visible in the queue (to the scaler) and a new replica
       takes it at once (celery #1933, #6500).
+    - Task events off unless :func:`task_events`: monitoring is opt-in, not a per-task cost.
     - ``retry_on_worker_lost`` with ``max_retries=1`` (set on the task): when the pool child
       running a prediction dies (SIGKILL, OOM), the worker's main process re-sends the task at
       once instead of waiting for Redis's visibility timeout; if the retry kills its replica
@@ -55,8 +64,8 @@ def make_app(broker_url: str) -> Celery:
         worker_concurrency=1,
         worker_pool="prefork",
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        worker_send_task_events=task_events(),
+        task_send_sent_event=task_events(),
         result_expires=RESULT_EXPIRES_SECONDS,
         result_extended=False,
         broker_connection_retry_on_startup=True,

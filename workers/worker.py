@@ -79,7 +79,7 @@ def run_worker(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
         loglevel=loglevel,
         without_gossip=True,
         without_mingle=True,
-        without_heartbeat=True,
+        without_heartbeat=not app.conf.worker_send_task_events,  # INFERQ_TASK_EVENTS: Flower
         optimization="fair",
         quiet=True,  # no banner: a replica's log is about its predictions
     )
