@@ -40,12 +40,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from wheels import make_testpkg  # noqa: E402
+from wheels import make_testpkg
 
-from inferq.deploy import deploy  # noqa: E402
-from inferq.processes import spawn, stop, wait_until  # noqa: E402
-from inferq.registry import Registry  # noqa: E402
-from inferq.stack import EmbeddedRedis  # noqa: E402
+from inferq.deploy import deploy
+from inferq.processes import spawn, stop, wait_until
+from inferq.registry import Registry
+from inferq.stack import EmbeddedRedis
 
 PINS_SCRIPT = (
     "import inferq.workers.worker\n"

@@ -65,6 +65,7 @@ TIMEOUT_SECONDS = float(os.environ.get("INFERQ_REQUIREMENTS_TIMEOUT") or 1800)
 # imported (by a .pth file) in the replica.
 _NEVER_PINNED = {"inferq", "pip", "setuptools", "wheel", "uv"}
 _COMMENT = re.compile(r"(^|\s+)#.*$")
+_CHATTER = re.compile(r"^Using (CPython|PyPy|Python) ")  # in the log, not in the reason
 
 
 def listed(project_dir: Path) -> list[str]:
@@ -241,7 +242,8 @@ def _run(command: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[int | N
             line = raw.decode(errors="replace").rstrip()
             if line:
                 log.info("uv: %s", line)
-                tail.append(line)
+                if not _CHATTER.match(line):
+                    tail.append(line)
         process.stdout.close()
         code = process.wait()
     finally:
