@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import inferq_command, write_project
-from inferq.scaler.status import judge
-from inferq.workers import requirements
 from wheels import make_testpkg
 
 from inferq import Client
 from inferq.deploy import deploy
 from inferq.processes import wait_until
+from inferq.scaler.status import judge
+from inferq.workers import requirements
 
 PREDICTOR = """
 import inferq_testpkg
