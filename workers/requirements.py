@@ -106,12 +106,16 @@ def prepare(project: Path, *, api: str, on_install: Callable[[], None] | None = 
         return folder
     if on_install is not None:
         on_install()
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f"{key}.lock"):
-        if folder.is_dir():  # another replica installed it while this one waited
-            log.info('api "%s": requirements installed by another replica (%s)', api, key[:12])
-            return folder
-        _install(requirements, pins, root, key, api=api)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root / f"{key}.lock"):
+            if folder.is_dir():  # another replica installed it while this one waited
+                log.info('api "%s": requirements installed by another replica (%s)',
+                         api, key[:12])
+                return folder
+            _install(requirements, pins, root, key, api=api)
+    except OSError as exc:  # e.g. INFERQ_HOME not writable, disk full
+        raise RequirementsError(f'api "{api}": {FILE_NAME} could not be installed: {exc}') from exc
     return folder
 
 
@@ -183,6 +187,7 @@ def _install(requirements: Path, pins: list[str], root: Path, key: str, *, api: 
     for stale in root.glob(f".{key}-*"):  # a killed install's leftovers
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
     staging = root / f".{key}-{os.getpid()}"
+    staging.mkdir()  # there even when the file names no package (only options)
     constraints = root / f".{key}-{os.getpid()}.constraints.txt"
     constraints.write_text("".join(f"{pin}\n" for pin in pins))
     command = [
