@@ -20,7 +20,9 @@ RUN python -c "import tomllib; p = tomllib.load(open('/tmp/inferq-src/pyproject.
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# Packages your predictors import (torch, transformers, ...), as pip arguments:
+# A project's requirements.txt needs no rebuild: replicas install it at run time (uv, into
+# the INFERQ_HOME volume, once per host). Large frameworks can still be baked in, as pip
+# arguments; a requirements.txt that the image then satisfies installs nothing:
 #   docker compose -f docker-compose.gpu.yml build --build-arg EXTRA_PIP_PACKAGES="torch==2.3.1"
 ARG EXTRA_PIP_PACKAGES=""
 RUN if [ -n "$EXTRA_PIP_PACKAGES" ]; then pip install $EXTRA_PIP_PACKAGES; fi
@@ -28,8 +30,8 @@ RUN if [ -n "$EXTRA_PIP_PACKAGES" ]; then pip install $EXTRA_PIP_PACKAGES; fi
 COPY . /tmp/inferq-src
 RUN pip install "/tmp/inferq-src[onnx]" && rm -rf /tmp/inferq-src
 
-# A non-root user; INFERQ_HOME (model and bundle caches) is a volume in compose, created here
-# so that a new named volume starts out owned by that user.
+# A non-root user; INFERQ_HOME (model, bundle and requirements caches) is a volume in compose,
+# created here so that a new named volume starts out owned by that user.
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin inferq \
     && mkdir -p /var/lib/inferq \
     && chown inferq:inferq /var/lib/inferq

@@ -47,8 +47,17 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.dry_run:
         from inferq.configs import load_project, to_yaml
+        from inferq.workers.requirements import FILE_NAME, listed
 
-        sys.stdout.write(to_yaml(load_project(args.project_dir)))
+        deployment = load_project(args.project_dir)
+        sys.stdout.write(to_yaml(deployment))
+        # As YAML comments, so the output stays a loadable cortex.yaml.
+        wanted = listed(deployment.project_dir)
+        print(f"# {FILE_NAME}: " + (
+            "installed on each replica's host before the predictor is imported"
+            if wanted else "none (the predictor runs on inferq's own packages)"))
+        for line in wanted:
+            print(f"#   {line}")
         return 0
     from inferq.deploy import deploy
 

@@ -39,7 +39,19 @@ class UnknownAPI(InferqError):
 
 
 class PredictorError(InferqError):
-    """A predictor cannot be loaded: import error, contract violation, init() raised."""
+    """A predictor cannot be loaded: import error, contract violation, init() raised.
+
+    ``kind`` is how the replica's failure is recorded, and the API's status says it:
+    ``error``, or ``error (requirements)`` for :class:`RequirementsError`.
+    """
+
+    kind = "error"
+
+
+class RequirementsError(PredictorError):
+    """The project's requirements.txt could not be installed (the installer's last lines)."""
+
+    kind = "requirements"
 
 
 class PredictionError(InferqError):

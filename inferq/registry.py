@@ -457,7 +457,8 @@ class Registry:
         pipe.execute()
 
     def set_failure(self, api: str, host: str, kind: str, message: str) -> None:
-        """Record that a replica of ``api`` on ``host`` failed (``kind``: "error" or "oom")."""
+        """Record that a replica of ``api`` on ``host`` failed (``kind``: "error", "oom" or
+        "requirements", see ``scaler.status``)."""
         record = {"kind": kind, "message": _cut_error(message), "at": self.now(), "host": host}
         self.redis.hset(_key("failure", api), host, json.dumps(record))
 

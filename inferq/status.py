@@ -139,7 +139,10 @@ def render_api(row: dict[str, Any], gateway: str) -> str:
     lines.extend(_tracker_lines(row["tracker"], row["config"].get("tracker")))
     for replica in row["replicas"]:
         gpus = f", gpu {','.join(map(str, replica['gpus']))}" if replica.get("gpus") else ""
-        lines.append(f"replica {replica['id']}: {replica['status']}{gpus}{_usage(replica)}")
+        detail = f" ({replica['detail']})" if replica.get("detail") else ""
+        lines.append(
+            f"replica {replica['id']}: {replica['status']}{detail}{gpus}{_usage(replica)}"
+        )
         if replica.get("error"):
             lines.extend(_error_lines(replica["error"]))
     lines += ["", "configuration:", api_yaml(Api.from_dict(row["config"])).rstrip()]

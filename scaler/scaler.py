@@ -46,13 +46,18 @@ STOP_GRACE_SECONDS = 30.0  # past its API's timeout, a replica that does not sto
 
 @dataclass
 class _Backoff:
-    """Restarts of one API's replicas on this host: 1 s, 2 s, 4 s ... up to a minute."""
+    """Restarts of one API's replicas on this host: 1 s, 2 s, 4 s ... up to a minute.
+
+    A redeploy (e.g. a fixed requirements.txt) starts its first replica at once.
+    """
 
     failures: int = 0
     next_start: float = 0.0
+    version: str | None = None  # of the replica that failed last
 
-    def failed(self, now: float) -> float:
+    def failed(self, now: float, version: str | None = None) -> float:
         self.failures += 1
+        self.version = version
         delay = min(BACKOFF_FIRST_SECONDS * 2 ** (self.failures - 1), BACKOFF_MAX_SECONDS)
         self.next_start = now + delay
         return delay
@@ -60,6 +65,7 @@ class _Backoff:
     def recovered(self) -> None:
         self.failures = 0
         self.next_start = 0.0
+        self.version = None
 
 
 class Scaler:
@@ -268,6 +274,8 @@ class Scaler:
     def _start(self, deployed: DeployedApi, count: int, old: list[ReplicaProcess],
                now: float) -> None:
         backoff = self.backoff.setdefault(deployed.name, _Backoff())
+        if backoff.version not in (None, deployed.version):
+            backoff.recovered()
         if now < backoff.next_start:
             return
         need = deployed.api.compute.gpu
@@ -334,7 +342,7 @@ class Scaler:
             if replica.stopping and not replica.oom:
                 continue
             kind, message = self._failure(replica, code, record, deployed[replica.api])
-            delay = self.backoff.setdefault(replica.api, _Backoff()).failed(now)
+            delay = self.backoff.setdefault(replica.api, _Backoff()).failed(now, replica.version)
             self.registry.set_failure(replica.api, self.host, kind, message)
             self.failed_here.add(replica.api)
             log.error('api "%s": %s; next replica in %.0fs', replica.api, message, delay)
@@ -370,7 +378,7 @@ class Scaler:
             mem = format_mem(deployed.api.compute.mem or 0)
             return "oom", f"replica {replica.id} used more memory than its mem request ({mem})"
         if replica.init_failed() and record.get("error"):
-            return "error", record["error"]
+            return record.get("failure") or "error", record["error"]
         return "error", f"replica {replica.id} exited with code {code}"
 
     def _sample(self, deployed: dict[str, DeployedApi]) -> None:

@@ -7,8 +7,10 @@ Each status appears exactly when its meaning holds:
 ``error``                  a replica of it failed (import, ``init()``, crash) and the API has
                            not got all its replicas live since
 ``error (out of memory)``  the same, because a replica used more than its ``mem``
+``error (requirements)``   the same, because its requirements.txt could not be installed
 ``live``                   every wanted replica is live, or some are and more are coming
-``creating``               replicas are starting (``init()`` runs), none is live yet
+``creating``               replicas are starting (installing requirements, ``init()``), none
+                           is live yet
 ``pending``                replicas are wanted but none has started yet
 ``stopped``                no replica is wanted (``min_replicas: 0`` and no request waiting)
 =========================  ===================================================================
@@ -21,6 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 REASON_LINES = 6  # of a traceback, in ``inferq get``
+# A replica failure's kind (registry ``set_failure``) -> the API's status.
+FAILURE_STATUS = {"error": "error", "oom": "error (out of memory)",
+                  "requirements": "error (requirements)"}
 
 
 def judge(version: str, desired: int, unplaced: tuple[int, str] | None,
@@ -33,14 +38,15 @@ def judge(version: str, desired: int, unplaced: tuple[int, str] | None,
         return "compute unavailable", f"{count} replica(s) cannot be placed: {reason}"
     if failures and len(up_to_date) < desired:
         failure = failures[-1]
-        status = "error (out of memory)" if failure["kind"] == "oom" else "error"
+        status = FAILURE_STATUS.get(failure["kind"], "error")
         return status, _last_lines(failure["message"])
     if desired == 0 and not replicas:
         return "stopped", "scaled to zero: a queued request starts a replica"
     if live:
         return "live", None
-    if any(r["status"] == "creating" for r in replicas):
-        return "creating", None
+    creating = [r for r in replicas if r["status"] == "creating"]
+    if creating:
+        return "creating", next((r["detail"] for r in creating if r.get("detail")), None)
     return "pending", None
 
 

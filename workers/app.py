@@ -8,9 +8,17 @@ hour); inferq's own clients (gateway, ``inferq.Client``) get it pushed to their 
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 
 RESULT_EXPIRES_SECONDS = 3600
+
+
+def task_events() -> bool:
+    """``INFERQ_TASK_EVENTS=1``: replicas send task events and worker heartbeats (for Flower
+    and ``celery events``). Off by default: each task then costs a few more Redis writes."""
+    return os.environ.get("INFERQ_TASK_EVENTS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def make_app(broker_url: str) -> Celery:
@@ -26,6 +34,7 @@ def make_app(broker_url: str) -> Celery:
     - ``solo`` pool, concurrency 1: one request at a time, in the process that loaded the
       predictor. When that process dies its supervisor puts back what it held
       (``inferq.workers.supervisor``): no visibility timeout to wait for.
+    - Task events off unless :func:`task_events`: monitoring is opt-in, not a per-task cost.
     """
     app = Celery("inferq", broker=broker_url, backend=broker_url, set_as_current=False)
     app.conf.update(
@@ -41,8 +50,8 @@ def make_app(broker_url: str) -> Celery:
         worker_concurrency=1,
         worker_pool="solo",
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        worker_send_task_events=task_events(),
+        task_send_sent_event=task_events(),
         result_expires=RESULT_EXPIRES_SECONDS,
         result_extended=False,
         broker_connection_retry_on_startup=True,

@@ -3,11 +3,12 @@
 Bootstrap is a short sequence of named steps, run in the process that serves predictions
 (never in a parent that forks afterwards: CUDA does not survive a fork, celery #3402):
 
-    resolve the API -> fetch its bundle -> python_path on sys.path -> fetch the model
-    -> import the predictor and run init() -> live
+    resolve the API -> fetch its bundle -> install its requirements.txt (once per host)
+    -> python_path on sys.path -> fetch the model -> import the predictor and run init() -> live
 
 Each step that fails raises :class:`PredictorError` with the file and traceback; the replica
-is then marked ``error`` in the registry.
+is then marked ``error`` in the registry, with the error's ``kind`` (``requirements`` for a
+failed install) as its ``failure``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from inferq import stack
 from inferq.bundle import unpack
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.registry import DeployedApi, Registry
+from inferq.workers import requirements
 from inferq.workers.models import fetch_model
 from inferq.workers.predictor import PythonPredictor, import_file
 from inferq.workers.tracker import PredictionTracker
@@ -145,12 +147,14 @@ def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
     )
     try:
         project = fetch_bundle(deployed, registry)
+        install_requirements(project, api_name, registry, replica)
         add_python_path(project, deployed.api)
         predictor = load_predictor(deployed.api, project)
     except PredictorError as exc:
-        registry.set_replica(api_name, replica, status="error", error=str(exc))
+        registry.set_replica(api_name, replica, status="error", error=str(exc),
+                             failure=exc.kind, detail=None)
         raise
-    registry.set_replica(api_name, replica, status="live", live_at=time.time())
+    registry.set_replica(api_name, replica, status="live", live_at=time.time(), detail=None)
     log.info('api "%s": replica %s is live (version %s)', api_name, replica, deployed.version)
     tracker = deployed.api.tracker
     return Replica(
@@ -178,6 +182,20 @@ def fetch_bundle(deployed: DeployedApi, registry: Registry) -> Path:
             "deploy the project again"
         )
     return unpack(data, deployed.bundle, stack.cache_dir("bundles"))
+
+
+def install_requirements(project: Path, api_name: str, registry: Registry, replica: str) -> None:
+    """The project's requirements.txt, installed on this host once, ahead on ``sys.path``.
+
+    While it installs (or waits for another replica installing it), the replica's record
+    says so: ``creating``, detail "installing requirements".
+    """
+    def installing() -> None:
+        registry.set_replica(api_name, replica, detail=requirements.INSTALLING)
+
+    folder = requirements.prepare(project, api=api_name, on_install=installing)
+    if folder is not None:
+        requirements.activate(folder)
 
 
 def add_python_path(project: Path, api: Api) -> None:

@@ -14,12 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from typing import Any
 
 from celery import Celery, Task, signals, states
 from celery.exceptions import SecurityWarning
+from celery.worker import pidbox
+from celery.worker import state as worker_state
+from celery.worker.consumer import Consumer, control
 
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.registry import REPLY_TTL_SECONDS, Registry
@@ -57,6 +61,7 @@ def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO")
     app = make_app(broker_url)
     app.conf.update(
         broker_transport="inferq.workers.transport:Transport",
+        worker_consumer="inferq.workers.worker:ReplicaConsumer",
         broker_transport_options={
             **app.conf.broker_transport_options,
             TAKEN_KEY_OPTION: Registry.taken_key(api, replica_id),
@@ -71,13 +76,43 @@ def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO")
         loglevel=loglevel,
         without_gossip=True,
         without_mingle=True,
-        without_heartbeat=True,
+        without_heartbeat=not app.conf.worker_send_task_events,  # INFERQ_TASK_EVENTS: Flower
         optimization="fair",
         quiet=True,  # no banner: a replica's log is about its predictions
     )
     signals.after_setup_logger.connect(_quiet_celery, weak=False)
     worker.start()
     return worker.exitcode or 0
+
+
+class _ThreadedPidbox(pidbox.gPidbox):
+    """Remote control (``celery inspect``, ``control``) on a thread and a connection of its
+    own: the solo pool's loop is busy while it predicts, and ``inspect active`` must answer
+    then too (Celery does the same for its green pools)."""
+
+    def start(self, c: Any) -> None:
+        threading.Thread(target=self.loop, args=(c,), name="inferq-pidbox", daemon=True).start()
+
+
+class ThreadedControl(control.Control):
+    """Celery's remote-control bootstep with :class:`_ThreadedPidbox`."""
+
+    name = "celery.worker.consumer.control.Control"  # takes the place of Celery's
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.box = _ThreadedPidbox(c)
+        self.start, self.stop, self.shutdown = self.box.start, self.box.stop, self.box.shutdown
+
+
+class ReplicaConsumer(Consumer):
+    """Celery's consumer with :class:`ThreadedControl` in place of its remote control step."""
+
+    class Blueprint(Consumer.Blueprint):
+        default_steps = [
+            "inferq.workers.worker:ThreadedControl" if step.endswith("control:Control")
+            else step for step in Consumer.Blueprint.default_steps
+        ]
 
 
 class PredictTask(Task):
@@ -97,10 +132,51 @@ def register_task(app: Celery) -> None:
         return _replica.predict(sample, debug=bool(debug))
 
 
+class _Active:
+    """The message being predicted, as ``celery inspect active`` shows it (a Celery Request
+    would cost more than the prediction; this is what the toolbox reads of one)."""
+
+    def __init__(self, request: TaskMessage, message: Any, hostname: str) -> None:
+        self.id = request.id
+        self._info = {
+            "id": request.id, "name": TASK_NAME, "type": TASK_NAME, "hostname": hostname,
+            "args": [], "kwargs": {"samples": len(request.samples)},
+            "time_start": time.time(), "acknowledged": False,
+            "delivery_info": message.delivery_info, "worker_pid": os.getpid(),
+        }
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        return self._info
+
+
 def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
     """Celery's per-task message handler for :data:`TASK_NAME` (see :class:`PredictTask`)."""
     revoked = consumer.controller.state.revoked
     backend = app.backend
+    hostname = consumer.hostname
+    dispatcher = consumer.event_dispatcher
+    send_event = dispatcher.send if dispatcher is not None and dispatcher.enabled else None
+
+    def serve(channel: Any, request: TaskMessage, message: Any) -> None:
+        active = _Active(request, message, hostname)
+        worker_state.active_requests.add(active)
+        started = time.monotonic()
+        if send_event is not None:
+            send_event("task-received", uuid=request.id, name=TASK_NAME, args="", kwargs="",
+                       retries=0, eta=None, expires=None)
+            send_event("task-started", uuid=request.id)
+        try:
+            if request.replies is not None:
+                _answer_each(channel, request)
+            elif request.batch:
+                _answer(channel, backend, request, _outcomes(request))
+            else:
+                _answer(channel, backend, request, _predict_one(request))
+        finally:
+            worker_state.active_requests.discard(active)
+        if send_event is not None:
+            send_event("task-succeeded", uuid=request.id, result="",
+                       runtime=time.monotonic() - started)
 
     def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **__: Any) -> None:
         try:
@@ -115,12 +191,16 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
         if request.expired or request.id in revoked:
             message.ack()  # its caller stopped waiting: it must not run later
             return
-        if request.replies is not None:
-            _answer_each(channel, request)
-        elif request.batch:
-            _answer(channel, backend, request, _outcomes(request))
-        else:
-            _answer(channel, backend, request, _predict_one(request))
+        try:
+            serve(channel, request, message)
+        except Exception as exc:  # noqa: BLE001  (inferq's bug: answer it, never crash-loop)
+            log.exception("serving task %s failed", request.id)
+            channel.take_with_ack()  # whatever half-built answer there was
+            error = {"error": f"the replica failed to serve the request: {exc!r}"}
+            if request.replies is not None:
+                _answer_each(channel, request, error)
+            else:
+                _answer(channel, backend, request, error)
         message.ack()
 
     return handle
@@ -155,11 +235,14 @@ def _answer(channel: Any, backend: Any, request: TaskMessage, reply: Any) -> Non
                              else reply, states.SUCCESS)
 
 
-def _answer_each(channel: Any, request: TaskMessage) -> None:
-    """A batch from inferq's clients: each live sample's answer to its own waiter."""
+def _answer_each(channel: Any, request: TaskMessage,
+                 error: dict[str, str] | None = None) -> None:
+    """A batch from inferq's clients: each live sample's answer (or ``error``) to its own
+    waiter."""
     now = time.time()
     live = [i for i, (_, _, expires_at) in enumerate(request.replies) if expires_at > now]
-    outcomes = _outcomes(request, [request.samples[i] for i in live])
+    outcomes = ([dict(error) for _ in live] if error is not None
+                else _outcomes(request, [request.samples[i] for i in live]))
     by_list: dict[str, list[str]] = {}
     for i, outcome in zip(live, outcomes):
         reply_to, request_id, _ = request.replies[i]
