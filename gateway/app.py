@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from inferq.gateway.metrics import GatewayMetrics
 from inferq.client import Client
+from inferq.gateway.batching import Batchers
+from inferq.gateway.metrics import GatewayMetrics
 from inferq.errors import (
     BrokerUnavailable,
     InvalidSample,
@@ -36,7 +38,7 @@ from inferq.errors import (
     UnknownAPI,
     some_of,
 )
-from inferq.registry import DeployedApi
+from inferq.registry import DeployedApi, Registry
 from inferq.samples import load_body
 
 log = logging.getLogger("inferq.gateway")
@@ -90,6 +92,8 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = max_body
     routes = Routes(client)
     metrics = GatewayMetrics(client)
+    batchers = Batchers(client)
+    app.extensions["inferq.batchers"] = batchers  # closed by the server (gateway.server)
 
     @app.route("/healthz", methods=API_METHODS)
     def healthz() -> Response:
@@ -124,7 +128,7 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
             return _not_found(endpoint, routes)
         request.environ["inferq.api"] = deployed.name  # for the error bodies
         try:
-            response = _serve(client, deployed, endpoint, routes)
+            response = _serve(client, batchers, deployed, endpoint, routes)
         except HTTPException as exc:  # 413 from reading the body
             response = http_error(exc)
         metrics.observe(deployed.name, response.status_code, time.perf_counter() - started)
@@ -154,7 +158,26 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
     return app
 
 
-def _serve(client: Client, deployed: DeployedApi, endpoint: str, routes: Routes) -> Response:
+def _predict(client: Client, batchers: Batchers, deployed: DeployedApi, sample: Any,
+             debug: bool, endpoint: str, still_wanted: Any) -> Any:
+    """The prediction: alone, or in the API's next batch (``server_side_batching``; a debug
+    request goes alone, so that its sample and prediction are logged as its own)."""
+    batcher = None if debug else batchers.get(deployed)
+    if batcher is None:
+        return client.predict(deployed.name, sample, debug=debug, endpoint=endpoint,
+                              still_wanted=still_wanted, checked=True)
+    timeout = deployed.api.compute.timeout
+    request_id = uuid.uuid4().hex
+    reply_to = Registry.reply_key(f"{client.id}:{request_id}")
+    deadline = time.monotonic() + timeout
+    # A caller that gives up cannot take its sample out of a batch: it expires there.
+    batcher.add(sample, (reply_to, request_id, time.time() + timeout)).result()
+    return client.await_reply(deployed.name, reply_to, deadline, timeout,
+                              still_wanted=still_wanted)
+
+
+def _serve(client: Client, batchers: Batchers, deployed: DeployedApi, endpoint: str,
+           routes: Routes) -> Response:
     name = deployed.name
     if request.method in ("GET", "HEAD"):
         url = request.url_root.rstrip("/") + deployed.api.endpoint
@@ -184,16 +207,16 @@ def _serve(client: Client, deployed: DeployedApi, endpoint: str, routes: Routes)
     still_wanted = (lambda: not disconnected()) if disconnected is not None else None
     try:
         try:
-            prediction = client.predict(name, sample, debug=debug, endpoint=endpoint,
-                                        still_wanted=still_wanted, checked=True)
+            prediction = _predict(client, batchers, deployed, sample, debug, endpoint,
+                                  still_wanted)
         except UnknownAPI:  # deleted or moved since the lookup: route again, afresh
             moved = routes.find(endpoint, fresh=True)
             if moved is None:
                 return _not_found(endpoint, routes)
             name = moved.name
             request.environ["inferq.api"] = name
-            prediction = client.predict(name, sample, debug=debug, endpoint=endpoint,
-                                        still_wanted=still_wanted, checked=True)
+            prediction = _predict(client, batchers, moved, sample, debug, endpoint,
+                                  still_wanted)
     except UnknownAPI as exc:
         return _json({"error": str(exc)}, 404)
     except QueueFull as exc:

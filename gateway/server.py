@@ -43,4 +43,5 @@ def serve(broker_url: str, *, host: str = "127.0.0.1", port: int = 8888, threads
         server.run()
     finally:
         server.close()
+        app.extensions["inferq.batchers"].close()
         client.close()

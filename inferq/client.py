@@ -198,11 +198,23 @@ class Client:
                                checked)
         deadline = time.monotonic() + timeout
         reply = self._call(deployed, queue, message, reply_to, endpoint, deadline)
+        return self.await_reply(api, reply_to, deadline, timeout, reply=reply,
+                                still_wanted=still_wanted,
+                                withdraw=lambda: _withdraw(self.registry, queue, message))
+
+    def await_reply(self, api: str, reply_to: str, deadline: float, timeout: float, *,
+                    reply: dict[str, Any] | None = None,
+                    still_wanted: Callable[[], bool] | None = None,
+                    withdraw: Callable[[], None] | None = None) -> Any:
+        """The prediction pushed to ``reply_to`` (a list of one request's own) by the
+        ``deadline`` (monotonic), asking ``still_wanted`` every half second; on giving up,
+        ``withdraw`` and raise :class:`PredictionTimeout` or :class:`RequestWithdrawn`."""
         while reply is None:
             remaining = deadline - time.monotonic()
             wanted = still_wanted is None or still_wanted()
             if remaining <= 0 or not wanted:
-                _withdraw(self.registry, queue, message)
+                if withdraw is not None:
+                    withdraw()
                 if not wanted:
                     raise RequestWithdrawn(f'api "{api}": the caller went away; the request was '
                                            "withdrawn")
@@ -260,25 +272,19 @@ class Client:
         """
         deployed = self._deployed(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
-        queue = queue_name(api)
         expires_at = time.time() + timeout
         ids = [uuid.uuid4().hex for _ in samples]
         for position, sample in enumerate(samples):
             check_sample(sample, api=api, index=first_index + position)
-        try:
-            message = messages.encode_batch(
-                uuid.uuid4().hex, list(samples), [(self.reply_key, i, expires_at) for i in ids],
-                queue=queue, debug=bool(debug))
-        except (TypeError, ValueError) as exc:  # NaN or Infinity (JSON has neither)
-            raise InvalidSample(f"a sample cannot be sent as JSON: {exc}", api=api,
-                                index=first_index) from None
+        message = self._encode_batch(api, samples, [(self.reply_key, i, expires_at) for i in ids],
+                                     debug, first_index)
         futures = []
         for position, request_id in enumerate(ids):
-            waiter = _Waiter(Future(), api, first_index + position, queue, message)
+            waiter = _Waiter(Future(), api, first_index + position, queue_name(api), message)
             self._replies.expect(request_id, waiter, timeout)
             futures.append(waiter.future)
         try:
-            self._enqueue(deployed, queue, message, None, extra=len(samples) - 1)
+            self._enqueue(deployed, queue_name(api), message, None, extra=len(samples) - 1)
         except BaseException:
             for request_id in ids:
                 self._replies.forget(request_id)
@@ -286,6 +292,25 @@ class Client:
         for request_id, future in zip(ids, futures):
             future.task_id = request_id  # type: ignore[attr-defined]
         return futures
+
+    def queue_batch(self, api: str, samples: list[Any], replies: list[tuple[str, str, float]],
+                    *, debug: bool = False) -> None:
+        """Queue ``samples`` as one message, each answered on its own ``(reply list, request
+        id, expires at)`` (the gateway's dynamic batching; the samples are checked already).
+        Raises :class:`UnknownAPI`, :class:`QueueFull` or :class:`BrokerUnavailable`."""
+        deployed = self._deployed(api)
+        message = self._encode_batch(api, samples, replies, debug, 0)
+        self._enqueue(deployed, queue_name(api), message, None, extra=len(samples) - 1)
+
+    @staticmethod
+    def _encode_batch(api: str, samples: list[Any], replies: list[tuple[str, str, float]],
+                      debug: bool, first_index: int) -> str:
+        try:
+            return messages.encode_batch(uuid.uuid4().hex, list(samples), replies,
+                                         queue=queue_name(api), debug=bool(debug))
+        except (TypeError, ValueError) as exc:  # NaN or Infinity (JSON has neither)
+            raise InvalidSample(f"a sample cannot be sent as JSON: {exc}", api=api,
+                                index=first_index) from None
 
     def map(self, api: str, samples: Iterable[Any], *, progress: bool = False,
             batch_size: int = 64, window: int = 512,

@@ -52,6 +52,10 @@ def too_deep_message(what: str) -> str:
     return f"{what} nests deeper than {MAX_NESTING} levels (inferq's limit for JSON samples)"
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 def load_body(body: bytes) -> Any:
     """The sample in an HTTP request body; ValueError saying why it cannot be one."""
     encoding = json.detect_encoding(body)
@@ -60,7 +64,7 @@ def load_body(body: bytes) -> Any:
     if utf8.count(b"[") + utf8.count(b"{") > MAX_NESTING and nesting_depth(utf8) > MAX_NESTING:
         raise ValueError(too_deep_message("the request body"))
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_not_json)
     except RecursionError:  # unreachable while the scan is right; never a 500
         raise ValueError(too_deep_message("the request body")) from None
     except ValueError as exc:
