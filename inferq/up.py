@@ -2,8 +2,10 @@
 
 It starts the broker (an embedded Redis unless ``INFERQ_BROKER_URL`` is set), the gateway
 and the scaler as child processes, deploys the project if one is given, and prints its
-endpoints. A child that dies is restarted. Ctrl-C or SIGTERM stops the children in reverse
-order and leaves no process behind (children also die with it if it is SIGKILLed).
+endpoints. A child that dies is restarted; the embedded Redis on the same port with the same
+append-only file, so queued requests and deployments survive it and the gateway and replicas
+reconnect (the gateway answers 503 meanwhile). Ctrl-C or SIGTERM stops the children in
+reverse order and leaves no process behind (children also die with it if it is SIGKILLed).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 
 from inferq import stack
 from inferq.deploy import deploy
-from inferq.errors import InferqError
+from inferq.errors import BrokerUnavailable, InferqError
 from inferq.processes import spawn, stop
 from inferq.registry import Registry
 
 RESTART_BACKOFF_MAX = 30.0
+BROKER_RESTARTS_IN_A_ROW = 5  # then the embedded Redis is given up on: the stack stops
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Up:
         self.redis: stack.EmbeddedRedis | None = None
         self.services: list[Service] = []
         self._stop = threading.Event()
+        self._broker_failures = 0
 
     def run(self) -> int:
         lock = stack.StackLock()
@@ -124,10 +128,31 @@ class Up:
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.2):
-            if self.redis is not None and self.redis.process.poll() is not None:
-                raise InferqError("the embedded Redis exited; stopping")
+            self._restart_broker_if_dead()
             for service in self.services:
                 self._restart_if_dead(service)
+
+    def _restart_broker_if_dead(self) -> None:
+        """The embedded Redis died: start it again on its port, from its append-only file."""
+        if self.redis is None:
+            return
+        process = self.redis.process
+        if process is not None and process.poll() is None:
+            self._broker_failures = 0
+            return
+        code = process.returncode if process is not None else "none (it did not start)"
+        self._say(f"the embedded Redis exited with code {code}; restarting it on port "
+                  f"{self.redis.port} from {self.redis.data_dir}")
+        try:
+            self.redis.start()
+        except BrokerUnavailable as exc:
+            self._broker_failures += 1
+            if self._broker_failures >= BROKER_RESTARTS_IN_A_ROW:
+                raise InferqError(f"the embedded Redis does not start again ({exc}); "
+                                  "stopping") from None
+            self._say(f"the embedded Redis did not start ({exc}); trying again")
+            return
+        self._say("the embedded Redis is back")
 
     def _restart_if_dead(self, service: Service) -> None:
         if service.process is None or service.process.poll() is None:

@@ -25,6 +25,8 @@ def predict(sample, metadata):
     global hog
     if sample.get("hog"):
         hog = b"x" * (sample["hog"] * 2**20)  # touched pages: really resident
+    while sample.get("gate") and not os.path.exists(sample["gate"]):  # held until the test says
+        time.sleep(0.01)
     time.sleep(sample.get("sleep", metadata.get("sleep", 0)))
     return {"pid": os.getpid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "version": metadata.get("version", "v1")}
@@ -175,6 +177,32 @@ def test_a_killed_replica_is_replaced(registry, scalers, client, tmp_path):
         what="a new replica live",
     )
     assert client.predict("work", {}, timeout=30)["version"] == "v1"
+
+
+@pytest.mark.parametrize("process", ["replica_pid", "pid"])
+def test_a_replica_killed_mid_request_has_its_request_answered_by_the_other(
+        registry, scalers, client, tmp_path, process):
+    """SIGKILL of a replica (its supervisor, or the serving process) while it predicts: the
+    request is put back at once and answered by the other replica, within predict time + 5 s
+    (kombu alone would leave it unacknowledged for its hour-long visibility timeout)."""
+    deploy(project(tmp_path, "{min_replicas: 2, max_replicas: 2}"), registry)
+    scalers.start()
+    wait_live(registry, "work", 2)
+    gate = tmp_path / "gate"
+    future = client.submit("work", {"sleep": 1.0, "gate": str(gate)}, timeout=30)
+
+    def holder():
+        busy = registry.in_flight("work")
+        return next((r for r in registry.replicas("work")
+                     if future.task_id in busy.get(r["id"], [])), None)
+
+    record = wait_until(holder, 10, what="a replica predicting the request")
+    os.kill(record[process], signal.SIGKILL)  # held: it cannot have answered
+    gate.touch()
+    answer = future.result(timeout=1.0 + 5)
+    assert answer["pid"] != record["pid"]  # the other replica answered
+    assert registry.in_flight("work", [record["id"]]) == {}
+    wait_live(registry, "work", 2)  # and the killed one is replaced
 
 
 def test_a_redeploy_rolls_over_without_a_failed_request(registry, scalers, gateway, tmp_path):

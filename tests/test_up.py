@@ -8,10 +8,12 @@ import signal
 import subprocess
 import threading
 
+from pathlib import Path
+
 import psutil
 import pytest
 import requests
-from conftest import copy_example, inferq_command
+from conftest import copy_example, inferq_command, write_project
 
 from inferq.processes import pid_alive, spawn, stop, wait_until
 from inferq.stack import free_port
@@ -158,3 +160,62 @@ def test_sigkilled_up_leaves_no_redis_behind(run_up, tmp_path):
     up.process.wait(timeout=10)
     for pid in children:
         wait_until(lambda pid=pid: not pid_alive(pid), 10, what=f"child {pid} gone")
+
+
+HELD_PREDICTOR = """
+import os, time
+
+def predict(sample, metadata):
+    deadline = time.monotonic() + 60
+    while "hold" in sample and not os.path.exists(sample["hold"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"id": sample["id"], "pid": os.getpid()}
+"""
+
+
+def test_a_killed_embedded_redis_is_restarted_and_no_request_is_lost(run_up, up_env, tmp_path):
+    """SIGKILL the embedded Redis while a replica holds one request and another waits in the
+    queue: inferq up restarts it on its port from its append-only file, the gateway answers
+    503 meanwhile, and both requests are answered once it is back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    project = write_project(tmp_path / "held", """\
+        - kind: deployment
+          name: held
+        - kind: api
+          name: held
+          predictor: {path: predictor.py}
+          compute: {min_replicas: 1, max_replicas: 1}
+        """, {"predictor.py": HELD_PREDICTOR})
+    port = free_port()
+    up = run_up(str(project), "--port", str(port))
+    up.wait_for("inferq is up")
+    url = f"http://127.0.0.1:{port}/held/held"
+    wait_until(lambda: _post(url, {"id": "warm"}), 90, what="the API answers")
+    (redis_server,) = [p for p in psutil.Process(up.process.pid).children()
+                       if "redis-server" in p.name()]
+    release = tmp_path / "release"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        held = pool.submit(requests.post, url, json={"id": "held", "hold": str(release)},
+                           timeout=60)
+        broker = stack_registry(up_env)
+        wait_until(lambda: broker.in_flight("held"), 30, what="the replica holding a request")
+        queued = pool.submit(requests.post, url, json={"id": "queued"}, timeout=60)
+        wait_until(lambda: broker.queue_length("inferq.held") == 1, 30, what="one queued")
+        redis_server.kill()
+        up.wait_for("the embedded Redis is back", timeout=30)
+        health = f"http://127.0.0.1:{port}/healthz"
+        wait_until(lambda: requests.get(health, timeout=5).status_code == 200, 10,
+                   what="the gateway reaching the restarted broker")
+        release.touch()
+        assert held.result(timeout=60).json()["id"] == "held"
+        assert queued.result(timeout=60).json()["id"] == "queued"
+    assert _post(url, {"id": "after"})["id"] == "after"
+
+
+def stack_registry(env: dict[str, str]):
+    """The registry of the running ``inferq up`` (its broker URL is in the stack file)."""
+    from inferq.registry import Registry
+
+    info = json.loads((Path(env["INFERQ_HOME"]) / "stack.json").read_text())
+    return Registry(info["broker_url"])
