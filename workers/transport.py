@@ -10,9 +10,10 @@ reply. Whatever a replica's list holds when it dies is exactly what it held: its
 or the scaler puts it back (:meth:`~inferq.registry.Registry.recover`), and a replica whose
 connection to the broker broke puts it back itself when it consumes again.
 
-Celery selects it with ``broker_transport`` and finds the list's name in
-``broker_transport_options["inferq_taken_key"]``. Consuming several queues (never the case
-for a replica) falls back to kombu's own behaviour.
+Celery selects it with ``broker_transport`` and finds the list's name and the replica's queue
+in ``broker_transport_options`` (``inferq_taken_key``, ``inferq_queue``). Only the channel
+that consumes that queue takes and acknowledges this way; every other channel of the process
+(remote control, events) is kombu's own, so none of them can touch the taken list.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kombu.transport.virtual.base import Empty
 from kombu.utils.encoding import bytes_to_str
 
 TAKEN_KEY_OPTION = "inferq_taken_key"
+QUEUE_OPTION = "inferq_queue"
 
 
 class QoS(kombu_redis.QoS):
@@ -76,7 +78,9 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         options = self.connection.client.transport_options or {}
-        self.taken_key: str | None = options.get(TAKEN_KEY_OPTION)
+        self._taken_key: str | None = options.get(TAKEN_KEY_OPTION)
+        self._queue: str | None = options.get(QUEUE_OPTION)
+        self.taken_key: str | None = None  # set once this channel consumes the replica's queue
         self._after_ack: list[tuple] = []
         self._moving: str | None = None  # the queue a BLMOVE in progress reads
         self._ack_pipe: Any = None
@@ -100,9 +104,10 @@ class Channel(kombu_redis.Channel):
         return commands
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
-        # A message left in the taken list was taken before the connection (or the broker)
-        # went away and never acknowledged: serve it again, first.
-        if self.taken_key:
+        if self._taken_key and queue == self._queue:
+            self.taken_key = self._taken_key
+            # A message left in the taken list was taken before the connection (or the
+            # broker) went away and never acknowledged: serve it again, first.
             self.restore_taken()
         return super().basic_consume(queue, *args, **kwargs)
 

@@ -33,7 +33,7 @@ from inferq.workers.messages import Task as TaskMessage
 from inferq.workers.messages import queue_name
 from inferq.workers.replica import Replica, bootstrap
 from inferq.workers.supervisor import EXIT_INIT_FAILED
-from inferq.workers.transport import TAKEN_KEY_OPTION
+from inferq.workers.transport import QUEUE_OPTION, TAKEN_KEY_OPTION
 
 log = logging.getLogger("inferq.worker")
 
@@ -65,6 +65,7 @@ def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO")
         broker_transport_options={
             **app.conf.broker_transport_options,
             TAKEN_KEY_OPTION: Registry.taken_key(api, replica_id),
+            QUEUE_OPTION: queue_name(api),
         },
     )
     register_task(app)
