@@ -328,6 +328,11 @@ def test_child_that_exits_between_samples_does_not_break_sampling(tree, reap):
     child = psutil.Process(parent.pids[1])
     sampler = ProcessTreeSampler()
     assert sampler.sample(parent.pid).cpu_millicores is None
+    # CPU time moves in 10 ms ticks: let the child burn well over one after the baseline,
+    # or a reaped child's time may not show (it did not, 2 runs in 5).
+    baseline = sum(child.cpu_times()[:2])
+    wait_until(lambda: sum(child.cpu_times()[:2]) >= baseline + 0.1, 20,
+               what="the child spinning 100 ms past the baseline")
     (parent.ready / "stop").touch()
 
     def exited() -> bool:
