@@ -292,6 +292,7 @@ COMPUTE = Schema({
     "max_queue_length": integer(1),
     "upscale_stabilization_period": quantity(parse_duration, minimum="zero"),
     "downscale_stabilization_period": quantity(parse_duration, minimum="zero"),
+    "async_retention": quantity(parse_duration),
 })
 
 API = Schema(

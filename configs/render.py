@@ -10,7 +10,8 @@ import yaml
 from inferq.configs.quantities import format_cpu, format_duration, format_mem
 from inferq.configs.spec import Api, Compute, Deployment, Predictor
 
-_DURATIONS = ("timeout", "upscale_stabilization_period", "downscale_stabilization_period")
+_DURATIONS = ("timeout", "upscale_stabilization_period", "downscale_stabilization_period",
+              "async_retention")
 
 
 def to_yaml(deployment: Deployment) -> str:

@@ -63,6 +63,9 @@ class Tracker:
     key: str | None = None
 
 
+ASYNC_RETENTION = 24 * 3600.0
+
+
 @dataclass(frozen=True)
 class Compute:
     """Compute bounds of one API (Cortex v0.11 keys first, then inferq's extension keys)."""
@@ -79,6 +82,7 @@ class Compute:
     max_queue_length: int = 1024  # queued requests over which the gateway answers 503
     upscale_stabilization_period: float = 0.0  # seconds a higher need must last to scale up
     downscale_stabilization_period: float = 30.0  # seconds a lower need must last to scale down
+    async_retention: float = ASYNC_RETENTION  # seconds an async request and its result are kept
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class Api:
         predictor = data.get("predictor")
         if predictor is not None and predictor["server_side_batching"] is None:
             del predictor["server_side_batching"]
+        if data["compute"]["async_retention"] == ASYNC_RETENTION:
+            del data["compute"]["async_retention"]
         return data
 
     @classmethod

@@ -36,6 +36,7 @@ from inferq.errors import (
     QueueFull,
     RequestWithdrawn,
     UnknownAPI,
+    UnknownRequest,
     some_of,
 )
 from inferq.registry import DeployedApi, Registry
@@ -125,7 +126,7 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
             request.environ["inferq.api"] = routes.last_known(endpoint)
             return _json(_error(str(exc)), 503, retry_after=1)
         if deployed is None:
-            return _not_found(endpoint, routes)
+            return _async_status(client, routes, endpoint)
         request.environ["inferq.api"] = deployed.name  # for the error bodies
         try:
             response = _serve(client, batchers, deployed, endpoint, routes)
@@ -202,10 +203,14 @@ def _serve(client: Client, batchers: Batchers, deployed: DeployedApi, endpoint: 
         sample = load_body(body)  # not JSON, or nested too deep
     except ValueError as exc:
         return _json({"error": str(exc), "api": name}, 400)
-    debug = request.args.get("debug", "").lower() in ("1", "true", "yes")
+    debug = _flag("debug")
+    wants_async = _flag("async")
     disconnected = request.environ.get("waitress.client_disconnected")
     still_wanted = (lambda: not disconnected()) if disconnected is not None else None
     try:
+        if wants_async:
+            request_id = client.enqueue(name, sample, endpoint=endpoint, checked=True)
+            return _json({"id": request_id, "api": name}, 202)
         try:
             prediction = _predict(client, batchers, deployed, sample, debug, endpoint,
                                   still_wanted)
@@ -232,6 +237,33 @@ def _serve(client: Client, batchers: Batchers, deployed: DeployedApi, endpoint: 
     except PredictionError as exc:
         return _json({"error": f"prediction failed: {exc.reason}", "api": name}, 500)
     return Response(_dumps(prediction), 200, mimetype="application/json")
+
+
+def _flag(name: str) -> bool:
+    return request.args.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _async_status(client: Client, routes: Routes, path: str) -> Response:
+    """``GET <endpoint>/<request id>``: an async request's state; else the 404 of ``path``."""
+    endpoint, _, request_id = path.rpartition("/")
+    try:
+        owner = routes.find(endpoint, fresh=True) if endpoint and request_id else None
+    except BrokerUnavailable as exc:
+        return _json(_error(str(exc)), 503, retry_after=1)
+    if owner is None:
+        return _not_found(path, routes)
+    request.environ["inferq.api"] = owner.name
+    if request.method not in ("GET", "HEAD"):
+        response = _json({"error": f"{request.method} is not allowed; GET an async request's "
+                          "state", "api": owner.name}, 405)
+        response.headers["Allow"] = "GET, HEAD"
+        return response
+    try:
+        return _json(client.status(owner.name, request_id), 200)
+    except UnknownRequest as exc:
+        return _json({"error": str(exc), "api": owner.name}, 404)
+    except BrokerUnavailable as exc:
+        return _json({"error": str(exc), "api": owner.name}, 503, retry_after=1)
 
 
 def _error(message: str) -> dict[str, str]:

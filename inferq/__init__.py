@@ -9,6 +9,7 @@ from inferq.errors import (
     PredictionTimeout,
     QueueFull,
     UnknownAPI,
+    UnknownRequest,
 )
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "PredictionTimeout",
     "QueueFull",
     "UnknownAPI",
+    "UnknownRequest",
     "__version__",
 ]
 

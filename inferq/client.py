@@ -37,6 +37,7 @@ from inferq.errors import (
     QueueFull,
     RequestWithdrawn,
     UnknownAPI,
+    UnknownRequest,
     some_of,
 )
 from inferq.registry import DeployedApi, Registry
@@ -252,6 +253,54 @@ class Client:
             raise
         waiter.future.task_id = task_id  # type: ignore[attr-defined]
         return waiter.future
+
+    def enqueue(self, api: str, sample: Any, *, endpoint: str | None = None,
+                checked: bool = False) -> str:
+        """Queue ``sample`` as an async request and return its id at once.
+
+        The request waits in the API's queue like any other (for as long as the API's
+        ``compute.async_retention`` allows, not its ``timeout``); its state and answer are
+        kept in Redis for that long, so :meth:`status` finds them from any client or gateway.
+        Raises :class:`UnknownAPI`, :class:`QueueFull`, :class:`BrokerUnavailable` or
+        :class:`InvalidSample` before anything is queued.
+        """
+        deployed = self._deployed(api)
+        if not checked:
+            check_sample(sample, api=api)
+        retention = deployed.api.compute.async_retention
+        request_id = uuid.uuid4().hex
+        queue = queue_name(api)
+        state = Registry.async_key(api, request_id)
+        try:
+            message = messages.encode_async(request_id, sample, queue=queue, state=state,
+                                            expires_at=time.time() + retention)
+        except (TypeError, ValueError) as exc:  # NaN or Infinity (JSON has neither)
+            raise InvalidSample(f"the sample cannot be sent as JSON: {exc}", api=api) from None
+
+        def send(changes: int, limit: int) -> tuple[str, int, None]:
+            try:
+                outcome, value = self.registry.enqueue_async(
+                    queue, message, state, retention, changes=changes, limit=limit)
+            except redis.RedisError as exc:
+                raise BrokerUnavailable(
+                    f"cannot queue the request: the broker is unreachable ({exc})") from None
+            return outcome, value, None
+
+        self._admitted(deployed, endpoint, send)
+        return request_id
+
+    def status(self, api: str, request_id: str) -> dict[str, Any]:
+        """An async request's ``{"id", "status"}`` — ``in_queue``, ``in_progress``,
+        ``completed`` (with ``"result"``) or ``failed`` (with ``"error"``). Raises
+        :class:`UnknownRequest` for an id that is unknown or past its retention."""
+        try:
+            state = self.registry.async_state(api, request_id)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"the broker is unreachable ({exc})") from None
+        if state is None:
+            raise UnknownRequest(f'api "{api}": no async request {request_id!r} (unknown, or '
+                                 "past the API's async_retention)")
+        return state
 
     def cancel(self, future: Future) -> None:
         """Withdraw a submitted request that is no longer wanted (its caller went away)."""

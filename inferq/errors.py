@@ -71,6 +71,10 @@ class PredictionTimeout(PredictionError):
     """No replica answered within the API's timeout."""
 
 
+class UnknownRequest(InferqError):
+    """No async request has that id (never queued, or past its API's ``async_retention``)."""
+
+
 class RequestWithdrawn(InferqError):
     """A request was taken off its queue because its caller went away."""
 

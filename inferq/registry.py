@@ -19,6 +19,8 @@ Keys (all under ``inferq:``):
                                regression values)
 ``extra:<queue>``              samples queued beyond one per message (batch messages), so the
                                queue's sample count is LLEN + this
+``async:<api>:<id>``           hash: an async request's status (in_queue, in_progress,
+                               completed, failed), result or error; expires with its retention
 ``taken:<api>:<replica>``      list: the message a replica took and has not answered yet
                                (it takes with BLMOVE into this list: see inferq.workers.transport)
 ``usage:<api>``                hash: replica id -> JSON cpu (millicores) and rss (bytes)
@@ -139,6 +141,7 @@ class Registry:
         self._lead = self.redis.register_script(_LEAD_SCRIPT)
         self._resign = self.redis.register_script(_RESIGN_SCRIPT)
         self._enqueue = self.redis.register_script(_ENQUEUE_SCRIPT)
+        self._enqueue_async = self.redis.register_script(_ENQUEUE_ASYNC_SCRIPT)
         self._track_value = self.redis.register_script(_TRACK_VALUE_SCRIPT)
         self._track_class = self.redis.register_script(_TRACK_CLASS_SCRIPT)
 
@@ -314,6 +317,33 @@ class Registry:
         outcome = _OUTCOMES[int(code)]
         reply = json.loads(popped[1]) if popped is not None and outcome == "queued" else None
         return outcome, int(value), reply
+
+    def enqueue_async(self, queue: str, message: str, state: str, retention: float, *,
+                      changes: int, limit: int) -> tuple[str, int]:
+        """:meth:`enqueue` for an async request, recording its state ``in_queue`` under
+        ``state`` (:meth:`async_key`) for ``retention`` seconds in the same step."""
+        code, value = self._enqueue_async(
+            keys=[_key("changes"), queue, self.extra_key(queue), state],
+            args=[changes, limit, message, 0, _json_now(), max(1, int(retention))])
+        return _OUTCOMES[int(code)], int(value)
+
+    @staticmethod
+    def async_key(api: str, request_id: str) -> str:
+        """The hash of an async request's state."""
+        return _key("async", api, request_id)
+
+    def async_state(self, api: str, request_id: str) -> dict[str, Any] | None:
+        """{"id", "status"} and "result" or "error"; None for an unknown or expired id."""
+        raw = self.redis.hgetall(self.async_key(api, request_id))
+        if not raw:
+            return None
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        state = {"id": request_id, "status": data["status"]}
+        if "result" in data:
+            state["result"] = json.loads(data["result"])
+        if "error" in data:
+            state["error"] = data["error"]
+        return state
 
     def wait_reply(self, reply_to: str, wait: float) -> dict[str, Any] | None:
         """The reply on ``reply_to`` (a list of one request's own), waiting up to ``wait`` s."""
@@ -523,6 +553,8 @@ class Registry:
         for reply_to, task_id in _reply_lists(payload):
             if self.is_reply_key(reply_to):
                 self.push_reply(reply_to, {"id": task_id, "error": error, "at": time.time()})
+            elif reply_to.startswith(_key("async", "")):
+                self.redis.hset(reply_to, mapping={"status": "failed", "error": error})
 
     # -- logs ---------------------------------------------------------------------------------
 
@@ -665,24 +697,35 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: the change counter, the queue, its extra-samples counter, [the request's reply list];
-# ARGV: changes, limit (samples), message, extra samples in it. A refused request with a reply
-# list gets a marker there, so a BLPOP behind it returns at once.
-_ENQUEUE_SCRIPT = """
+# KEYS: the change counter, the queue, its extra-samples counter; ARGV: changes, limit
+# (samples), message, extra samples in it. Sets ``refused`` ({-1, changes}: the API list
+# changed; {0, depth}: the queue is full) or queues the message.
+_ADMIT = """
 local changes = redis.call('GET', KEYS[1]) or '0'
 local refused = nil
 local length = redis.call('LLEN', KEYS[2])
 local depth = length + math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0'))
 local extra = tonumber(ARGV[4])
 if changes ~= ARGV[1] then refused = {-1, tonumber(changes)}
-elseif length > 0 and depth + 1 + extra > tonumber(ARGV[2]) then refused = {0, depth} end
-if refused == nil then
+elseif length > 0 and depth + 1 + extra > tonumber(ARGV[2]) then refused = {0, depth}
+else
   redis.call('LPUSH', KEYS[2], ARGV[3])
   if extra > 0 then redis.call('INCRBY', KEYS[3], extra) end
-  return {1, depth + 1 + extra}
 end
+"""
+# KEYS[4]: the request's reply list (optional). A refused request with a reply list gets a
+# marker there, so a BLPOP behind it returns at once.
+_ENQUEUE_SCRIPT = _ADMIT + """
+if refused == nil then return {1, depth + 1 + extra} end
 if KEYS[4] then redis.call('RPUSH', KEYS[4], 'refused'); redis.call('EXPIRE', KEYS[4], 60) end
 return refused
+"""
+# KEYS[4]: the async request's state; ARGV[5]: now (JSON), ARGV[6]: its retention (seconds).
+_ENQUEUE_ASYNC_SCRIPT = _ADMIT + """
+if refused ~= nil then return refused end
+redis.call('HSET', KEYS[4], 'status', 'in_queue', 'queued_at', ARGV[5])
+redis.call('EXPIRE', KEYS[4], ARGV[6])
+return {1, depth + 1 + extra}
 """
 _OUTCOMES = {1: "queued", 0: "full", -1: "stale"}
 
@@ -707,14 +750,21 @@ def _check_ownership(deployment: Deployment, current: Any) -> None:
         raise DeployError("\n".join(problems))
 
 
+def _json_now() -> str:
+    return json.dumps(time.time())
+
+
 def _reply_lists(payload: dict[str, Any]) -> list[tuple[str, str]]:
-    """(reply list, request id) of every sample of a queued message (its JSON envelope)."""
+    """(where to answer, request id) of every sample of a queued message (its JSON
+    envelope): reply lists, or an async request's state hash."""
     try:
         _args, kwargs, *_ = json.loads(payload["body"])
     except (KeyError, TypeError, ValueError):
         kwargs = {}
     if kwargs.get("replies"):
         return [(r[0], r[1]) for r in kwargs["replies"]]
+    if kwargs.get("async_state"):
+        return [(kwargs["async_state"], payload.get("headers", {}).get("id", ""))]
     reply_to = payload.get("properties", {}).get("reply_to")
     task_id = payload.get("headers", {}).get("id")
     return [(reply_to, task_id)] if reply_to and task_id else []

@@ -639,8 +639,17 @@ def test_to_yaml_writes_every_key_in_a_readable_order(tmp_path):
         "min_replicas": 1, "max_replicas": 100, "init_replicas": 1,
         "target_cpu_utilization": 80, "cpu": "200m", "gpu": 0, "mem": None, "timeout": "60s",
         "max_queue_length": 1024, "upscale_stabilization_period": "0s",
-        "downscale_stabilization_period": "30s",
+        "downscale_stabilization_period": "30s", "async_retention": "86400s",
     }
+
+
+def test_async_retention_is_a_duration_left_out_of_the_stored_spec_at_its_default(tmp_path):
+    (found,) = load(tmp_path, api(compute(async_retention="2h"))).apis
+    assert found.compute.async_retention == 7200.0
+    assert found.to_dict()["compute"]["async_retention"] == 7200.0
+    (default,) = load(tmp_path, api()).apis
+    assert "async_retention" not in default.to_dict()["compute"]  # versions stay as they were
+    assert Api.from_dict(default.to_dict()) == default
 
 
 # -- quantities ---------------------------------------------------------------------------------

@@ -51,6 +51,14 @@ def encode(task_id: str, sample: Any, *, queue: str, reply_to: str, expires_at: 
                      expires_at=expires_at, extra=0)
 
 
+def encode_async(task_id: str, sample: Any, *, queue: str, state: str,
+                 expires_at: float) -> str:
+    """The message for an async request: its replica records its progress and its answer in
+    the ``state`` hash (``Registry.async_key``) instead of replying to a waiter."""
+    return _envelope(task_id, [sample], {"debug": False, "async_state": state}, queue=queue,
+                     reply_to="", expires_at=expires_at, extra=0)
+
+
 def encode_batch(task_id: str, samples: list[Any], replies: list[tuple[str, str, float]], *,
                  queue: str, debug: bool = False) -> str:
     """The message for several samples, each answered on its own ``(reply list, request id,
@@ -104,6 +112,7 @@ class Task:
     expired: bool
     replies: list[tuple[str, str, float]] | None  # per sample, for inferq's batch senders
     extra: int  # samples beyond one that the queue's count holds for this message
+    async_state: str | None  # an async request's state hash
 
     @classmethod
     def from_message(cls, message: Any) -> Task:
@@ -126,6 +135,7 @@ class Task:
             expired=_expired(headers.get("expires")),
             replies=[tuple(r) for r in replies] if replies is not None else None,
             extra=int(headers.get(EXTRA_HEADER) or 0),
+            async_state=kwargs.get("async_state"),
         )
 
 

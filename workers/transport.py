@@ -83,14 +83,22 @@ class Channel(kombu_redis.Channel):
         self.taken_key: str | None = None  # set once this channel consumes the replica's queue
         self._after_ack: list[tuple] = []
         self._moving: str | None = None  # the queue a BLMOVE in progress reads
+        self._commands: Any = None  # a Redis client for the replica's own commands
         self._ack_pipe: Any = None
 
+    @property
+    def commands(self) -> Any:
+        """A Redis client kept for the replica's own commands (not the one polling BLMOVE):
+        kombu makes a client per ``conn_or_acquire``, and redis-py copies ~200 response
+        callbacks into each client and pipeline, which costs more than a round trip."""
+        if self._commands is None:
+            self._commands = self._create_client()
+        return self._commands
+
     def ack_pipeline(self) -> Any:
-        """A MULTI pipeline kept for acknowledgements: kombu makes a Redis client per
-        ``conn_or_acquire`` and redis-py copies ~200 response callbacks into each client and
-        pipeline, which cost more than the round trip itself."""
+        """A MULTI pipeline kept for acknowledgements (see :attr:`commands`)."""
         if self._ack_pipe is None:
-            self._ack_pipe = self._create_client().pipeline()
+            self._ack_pipe = self.commands.pipeline()
         elif self._ack_pipe.command_stack:  # left over by a failed build: never send it
             self._ack_pipe.reset()
         return self._ack_pipe

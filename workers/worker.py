@@ -167,7 +167,9 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
                        retries=0, eta=None, expires=None)
             send_event("task-started", uuid=request.id)
         try:
-            if request.replies is not None:
+            if request.async_state is not None:
+                _serve_async(channel, request)
+            elif request.replies is not None:
                 _answer_each(channel, request)
             elif request.batch:
                 _answer(channel, backend, request, _outcomes(request))
@@ -198,7 +200,10 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
             log.exception("serving task %s failed", request.id)
             channel.take_with_ack()  # whatever half-built answer there was
             error = {"error": f"the replica failed to serve the request: {exc!r}"}
-            if request.replies is not None:
+            if request.async_state is not None:
+                channel.send_with_ack("HSET", request.async_state, "status", "failed",
+                                      "error", error["error"])
+            elif request.replies is not None:
                 _answer_each(channel, request, error)
             else:
                 _answer(channel, backend, request, error)
@@ -234,6 +239,19 @@ def _answer(channel: Any, backend: Any, request: TaskMessage, reply: Any) -> Non
     else:
         backend.store_result(request.id, reply.get("result") if isinstance(reply, dict)
                              else reply, states.SUCCESS)
+
+
+def _serve_async(channel: Any, request: TaskMessage) -> None:
+    """An async request: ``in_progress`` now, then its answer in its state hash, kept for the
+    API's ``async_retention``."""
+    key, retention = request.async_state, int(_replica.api.compute.async_retention)
+    channel.commands.hset(key, "status", "in_progress")
+    reply = _predict_one(request)
+    done = ({"status": "completed", "result": _json(reply["result"])} if "error" not in reply
+            else {"status": "failed", "error": reply["error"]})
+    fields = [item for pair in done.items() for item in pair]
+    channel.send_with_ack("HSET", key, *fields, "done_at", time.time())
+    channel.send_with_ack("EXPIRE", key, max(1, retention))
 
 
 def _answer_each(channel: Any, request: TaskMessage,
