@@ -108,3 +108,15 @@ def test_the_python_client_enqueues_and_reads_the_status(registry, replicas, tmp
         assert done["result"] == {"echo": "e"}
         with pytest.raises(UnknownRequest):
             client.status("later", "nope")
+
+
+def test_an_async_request_scales_an_idle_api_from_zero(registry, scalers, tmp_path):
+    deploy_jobs(registry, tmp_path, "{min_replicas: 0, max_replicas: 1}")
+    scalers.start()
+    wait_until(lambda: (s := registry.status("later")) and s["status"] == "stopped", 60,
+               what="the API stopped at zero replicas")
+    with Client(registry.url) as client:
+        request_id = client.enqueue("later", {"id": "f"})
+        done = wait_until(lambda: (s := client.status("later", request_id))["status"]
+                          == "completed" and s, 60, what="a replica started and answered")
+    assert done["result"] == {"echo": "f"}
