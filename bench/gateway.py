@@ -142,15 +142,15 @@ class Bench:
         wait_until(answers, 30, what=f"{process.name} answering")
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds used so far by each process (a replica's main process and its pool
-        child apart), plus this process (the load generator)."""
+        """CPU seconds used so far by each process (a replica's supervisor and its serving
+        process apart), plus this process (the load generator)."""
         used = {"load generator": sum(os.times()[:2]), "redis": _cpu(self.redis.process.pid)}
         for process in self.processes:
             if process.poll() is not None:
                 continue
             used[process.name] = _cpu(process.pid)
             for child in psutil.Process(process.pid).children(recursive=True):
-                used[f"{process.name} pool child"] = _cpu(child.pid)
+                used[f"{process.name} serving"] = _cpu(child.pid)
         return used
 
     def _log(self, process: subprocess.Popen) -> str:
