@@ -198,7 +198,8 @@ class Client:
         message = self._encode(api, task_id, sample, queue, reply_to, timeout, debug, None,
                                checked)
         deadline = time.monotonic() + timeout
-        reply = self._call(deployed, queue, message, reply_to, endpoint, deadline)
+        reply = self._call(deployed, queue, message, task_id, reply_to, endpoint, deadline,
+                           timeout)
         return self.await_reply(api, reply_to, deadline, timeout, reply=reply,
                                 still_wanted=still_wanted,
                                 withdraw=lambda: _withdraw(self.registry, queue, message))
@@ -449,24 +450,32 @@ class Client:
             raise InvalidSample(f"the sample cannot be sent as JSON: {exc}", api=api,
                                 index=index) from None
 
-    def _call(self, deployed: DeployedApi, queue: str, message: str, reply_to: str,
-              endpoint: str | None, deadline: float) -> dict[str, Any] | None:
+    def _call(self, deployed: DeployedApi, queue: str, message: str, request_id: str,
+              reply_to: str, endpoint: str | None, deadline: float,
+              timeout: float) -> dict[str, Any] | None:
         """Queue ``message`` and wait a first moment for its reply, in one round trip."""
         def send(changes: int, limit: int) -> tuple[str, int, dict[str, Any] | None]:
-            wait = max(0.01, min(deadline - time.monotonic(), POLL_SECONDS))
-            try:
-                return self.registry.call(queue, message, reply_to, wait, changes=changes,
-                                          limit=limit)
-            except redis.ConnectionError as exc:
-                if "connecting" in str(exc):  # nothing was sent
+            sent = False  # the broker may have queued it: from then on, resend, never give up
+            while True:
+                wait = max(0.01, min(deadline - time.monotonic(), POLL_SECONDS))
+                try:
+                    return self.registry.call(queue, message, request_id, reply_to, wait,
+                                              changes=changes, limit=limit, ttl=timeout)
+                except redis.ConnectionError as exc:
+                    if not sent and "connecting" in str(exc):  # nothing was sent
+                        raise BrokerUnavailable(f"cannot queue the request: the broker is "
+                                                f"unreachable ({exc})") from None
+                    if not sent:
+                        log.warning("the broker connection broke while queueing (%s); sending "
+                                    "the request again when it answers (it is queued once)",
+                                    exc)
+                    sent = True
+                    if time.monotonic() >= deadline:
+                        return "queued", 0, None  # the wait for its reply times out
+                    time.sleep(0.1)
+                except redis.RedisError as exc:
                     raise BrokerUnavailable(
                         f"cannot queue the request: the broker is unreachable ({exc})") from None
-                # Sent, maybe queued: wait for its reply (the broker may be back soon).
-                log.warning("the broker connection broke while queueing (%s); waiting", exc)
-                return "queued", 0, None
-            except redis.RedisError as exc:
-                raise BrokerUnavailable(
-                    f"cannot queue the request: the broker is unreachable ({exc})") from None
 
         return self._admitted(deployed, endpoint, send)
 

@@ -19,6 +19,8 @@ Keys (all under ``inferq:``):
                                regression values)
 ``extra:<queue>``              samples queued beyond one per message (batch messages), so the
                                queue's sample count is LLEN + this
+``sent:<id>``                  a synchronous request was queued (its sender may resend after a
+                               broken connection: it is queued once); lives its timeout
 ``async:<api>:<id>``           hash: an async request's status (in_queue, in_progress,
                                completed, failed), result or error; expires with its retention
 ``taken:<api>:<replica>``      list: the message a replica took and has not answered yet
@@ -300,18 +302,21 @@ class Registry:
         length, extra = pipe.execute()
         return int(length) + max(0, int(extra or 0))
 
-    def call(self, queue: str, message: str, reply_to: str, wait: float, *, changes: int,
-             limit: int) -> tuple[str, int, dict[str, Any] | None]:
+    def call(self, queue: str, message: str, request_id: str, reply_to: str, wait: float, *,
+             changes: int, limit: int, ttl: float) -> tuple[str, int, dict[str, Any] | None]:
         """:meth:`enqueue`, then wait up to ``wait`` seconds for the reply on ``reply_to`` (a
         list of this request's own), in ONE round trip: Redis runs the script and then the
         BLPOP on the same connection. A refused request pushes its own outcome to the list,
         so the BLPOP returns at once. Returns (outcome, value, the reply or None).
+
+        Idempotent for ``ttl`` seconds: the script remembers ``request_id``, so a caller whose
+        connection broke mid-call (was it queued?) can send it again and it is queued once.
         """
         pipe = self._pipeline(transaction=False)
         # EVAL, not EVALSHA: a pipeline cannot recover from NOSCRIPT after a broker restart
         # without a second round trip; Redis caches the compiled script by its hash anyway.
-        pipe.eval(_ENQUEUE_SCRIPT, 4, _key("changes"), queue, self.extra_key(queue), reply_to,
-                  changes, limit, message, 0)
+        pipe.eval(_ENQUEUE_SCRIPT, 5, _key("changes"), queue, self.extra_key(queue), reply_to,
+                  _key("sent", request_id), changes, limit, message, 0, max(1, int(ttl)))
         pipe.blpop([reply_to], timeout=wait)
         (code, value), popped = pipe.execute()
         outcome = _OUTCOMES[int(code)]
@@ -713,10 +718,16 @@ else
   if extra > 0 then redis.call('INCRBY', KEYS[3], extra) end
 end
 """
-# KEYS[4]: the request's reply list (optional). A refused request with a reply list gets a
-# marker there, so a BLPOP behind it returns at once.
-_ENQUEUE_SCRIPT = _ADMIT + """
-if refused == nil then return {1, depth + 1 + extra} end
+# KEYS[4], KEYS[5] (optional): the request's reply list and its "sent" marker (ARGV[5]: how
+# long the marker lives). A request already sent is not queued again; a refused request with
+# a reply list gets a marker there, so a BLPOP behind it returns at once.
+_ENQUEUE_SCRIPT = """
+if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 1 then return {1, 0} end
+""" + _ADMIT + """
+if refused == nil then
+  if KEYS[5] then redis.call('SET', KEYS[5], '1', 'EX', ARGV[5]) end
+  return {1, depth + 1 + extra}
+end
 if KEYS[4] then redis.call('RPUSH', KEYS[4], 'refused'); redis.call('EXPIRE', KEYS[4], 60) end
 return refused
 """

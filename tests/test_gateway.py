@@ -499,3 +499,14 @@ def test_inferq_predict_prints_the_prediction_or_the_error(registry, replicas, s
     from_stack = predict("echo", str(good))
     assert from_stack.returncode == 0, from_stack.stderr
     assert json.loads(from_stack.stdout) == {"echo": {"flower": "iris-cli-sample"}}
+
+
+def test_a_request_sent_again_after_a_broken_connection_is_queued_once(registry, tmp_path):
+    """The sync path's queueing is idempotent: a gateway whose connection broke mid-call
+    (queued or not?) sends the same request again once the broker answers."""
+    deploy_echo(registry, tmp_path)
+    args = ("inferq.echo", '{"m": 1}', "req-1", Registry.reply_key("c:req-1"), 0.01)
+    first = registry.call(*args, changes=registry.changes(), limit=10, ttl=60)
+    again = registry.call(*args, changes=registry.changes(), limit=10, ttl=60)
+    assert first[0] == again[0] == "queued"
+    assert registry.queue_length("inferq.echo") == 1

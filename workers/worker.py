@@ -11,6 +11,7 @@ watches this one and puts back what it held when it dies is its supervisor
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -107,13 +108,20 @@ class ThreadedControl(control.Control):
 
 
 class ReplicaConsumer(Consumer):
-    """Celery's consumer with :class:`ThreadedControl` in place of its remote control step."""
+    """Celery's consumer with :class:`ThreadedControl` in place of its remote control step,
+    reconnecting to a broker that went away every second rather than kombu's 2, 4, 6 ... s
+    (after a 13 s outage replicas came back 7 s after the broker)."""
 
     class Blueprint(Consumer.Blueprint):
         default_steps = [
             "inferq.workers.worker:ThreadedControl" if step.endswith("control:Control")
             else step for step in Consumer.Blueprint.default_steps
         ]
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection, interval_start=0.2, interval_step=0.2, interval_max=1.0)
+        return super().ensure_connected(conn)
 
 
 class PredictTask(Task):
