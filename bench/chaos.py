@@ -567,7 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["kills", "broker"], help="run only this one")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_SECONDS:g} s runs (smoke test)")
-    parser.add_argument("--seed", type=int, help="seed of the random choices (which process to kill, when to kill the Redis)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the random choices (which process to kill, when to "
+                             "kill the Redis)")
     parser.add_argument("--broker-down", type=float, default=BROKER_DOWN_SECONDS,
                         help=f"seconds between the Redis's kill and its restart "
                              f"(default {BROKER_DOWN_SECONDS:g})")
