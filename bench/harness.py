@@ -1,7 +1,8 @@
 """What the HTTP benchmarks share: the load generators and the in-process baseline server.
 
 - :func:`load`: the Python load generator (one keep-alive ``http.client`` connection per
-  client thread), for a number of requests or a number of seconds;
+  client thread), for a number of requests or a number of seconds; it can send a new sample
+  per request, checks every answer, and counts every outcome (``bench/chaos.py`` reads them);
 - :func:`wrk`: the same closed-loop measurement with ``wrk`` (C, epoll), when it is on PATH:
   it costs far less CPU per request than Python threads, so on a small machine the server,
   not the load generator, is what is measured;
@@ -20,7 +21,9 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,7 +31,12 @@ from typing import Any
 from inferq.processes import spawn, stop
 
 BASELINE_ENDPOINT = "/predict"
-PERCENTILES = (50, 90, 99)
+PERCENTILES = (50, 90, 99, 99.9, 100)  # 100: the slowest (wrk gives only 50, 90, 99)
+OK = "200"  # the outcome of a request answered 200 with the expected body
+
+# observe(sample, began, took, outcome, answer): called for every request of the measured
+# window, from the client's thread; ``began`` is its time.perf_counter() at sending.
+Observer = Callable[[Any, float, float, str, Any], None]
 
 
 @dataclass
@@ -38,18 +46,25 @@ class Run:
     count: int
     seconds: float
     errors: int
-    latency: dict[int, float]  # percentile -> seconds
+    latency: dict[float, float]  # percentile -> seconds
     generator: str
+    # outcome -> requests of the measured window (Python generator only): OK, "200 wrong
+    # body", a status code ("503", or "503 without Retry-After"), or an exception's class name
+    outcomes: Counter[str] = field(default_factory=Counter)
 
     @property
     def rate(self) -> float:
         return self.count / self.seconds if self.seconds else 0.0
 
-    def percentile(self, p: int) -> float:
+    def percentile(self, p: float) -> float:
         return self.latency[p]
 
+    @property
+    def sent(self) -> int:
+        return sum(self.outcomes.values())
 
-def _percentiles(latencies: list[float]) -> dict[int, float]:
+
+def _percentiles(latencies: list[float]) -> dict[float, float]:
     ordered = sorted(latencies) or [float("nan")]
     return {p: ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
             for p in PERCENTILES}
@@ -62,17 +77,37 @@ def _parse(answer: bytes) -> Any:
         return answer
 
 
+def outcome_of(response: http.client.HTTPResponse | None, answer: Any, expected: Any,
+               error: BaseException | None = None) -> str:
+    """What became of one request: :data:`OK`, ``"200 wrong body"``, the status code (a 503
+    or 429 without ``Retry-After`` says so), or the class name of the exception it raised."""
+    if response is None:
+        return type(error).__name__ if error is not None else "no answer"
+    if response.status == 200:
+        return OK if answer == expected else "200 wrong body"
+    if response.status in (429, 503) and response.getheader("Retry-After") is None:
+        return f"{response.status} without Retry-After"
+    return str(response.status)
+
+
 def load(port: int, path: str, sample: Any, expected: Any, *, clients: int = 1,
-         requests: int | None = None, seconds: float | None = None, warmup: int = 50) -> Run:
+         requests: int | None = None, seconds: float | None = None, warmup: int = 50,
+         samples: Callable[[], tuple[Any, Any]] | None = None,
+         observe: Observer | None = None, timeout: float = 60.0) -> Run:
     """POST ``sample`` from ``clients`` threads, each on its own keep-alive connection, until
     ``requests`` were sent or for ``seconds``; an answer other than 200 ``expected`` is an
-    error (a broken connection too: the client reconnects)."""
+    error (a broken connection too: the client reconnects).
+
+    ``samples``, when given, makes each request's (sample, expected) pair instead (it is
+    called from the client threads); ``observe`` sees every request of the measured window;
+    ``timeout`` is each request's socket timeout."""
     if (requests is None) == (seconds is None):
         raise ValueError("give requests or seconds")
-    body = json.dumps(sample).encode()
+    fixed = json.dumps(sample).encode()
     headers = {"Content-Type": "application/json"}
     latencies: list[float] = []
     errors = [0]
+    outcomes: Counter[str] = Counter()
     lock = threading.Lock()
     remaining = [requests or 0]
     window = {"began": 0.0, "deadline": 0.0}
@@ -83,17 +118,29 @@ def load(port: int, path: str, sample: Any, expected: Any, *, clients: int = 1,
 
     start = threading.Barrier(clients + 1, action=open_window)
 
-    def call(connection: http.client.HTTPConnection) -> float | None:
+    def call(connection: http.client.HTTPConnection, measured: bool) -> float | None:
+        if samples is None:
+            body, want, sent = fixed, expected, sample
+        else:
+            sent, want = samples()
+            body = json.dumps(sent).encode()
         began = time.perf_counter()
+        error = None
         try:
             connection.request("POST", path, body=body, headers=headers)
             response = connection.getresponse()
-            answer = response.read()
-        except (OSError, http.client.HTTPException):
+            answer = _parse(response.read())
+        except (OSError, http.client.HTTPException) as exc:
             connection.close()  # the next request reconnects
-            answer, response = b"", None
+            answer, response, error = None, None, exc
         took = time.perf_counter() - began
-        if response is None or response.status != 200 or _parse(answer) != expected:
+        outcome = outcome_of(response, answer, want, error)
+        if measured:
+            with lock:
+                outcomes[outcome] += 1
+            if observe is not None:
+                observe(sent, began, took, outcome, answer)
+        if outcome != OK:
             with lock:
                 errors[0] += 1
             return None
@@ -107,13 +154,13 @@ def load(port: int, path: str, sample: Any, expected: Any, *, clients: int = 1,
             return remaining[0] >= 0
 
     def client(warm: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         try:
             for _ in range(warm):
-                call(connection)
+                call(connection, measured=False)
             start.wait()
             while more():
-                took = call(connection)
+                took = call(connection, measured=True)
                 if took is not None:
                     latencies.append(took)  # list.append is atomic
         finally:
@@ -127,7 +174,7 @@ def load(port: int, path: str, sample: Any, expected: Any, *, clients: int = 1,
     for thread in threads:
         thread.join()
     return Run(len(latencies), time.perf_counter() - window["began"], errors[0],
-               _percentiles(latencies), "python")
+               _percentiles(latencies), "python", outcomes)
 
 
 # -- wrk ---------------------------------------------------------------------------------------

@@ -201,11 +201,11 @@ def run_command(args: list[str], env: dict[str, str], timeout: float = 30.0) -> 
     return out.decode()
 
 
-def post(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-    """One POST of the sample: (status, parsed answer); (0, None) when nothing answers."""
+def post(port: int, path: str, timeout: float = 5.0, sample: Any = SAMPLE) -> tuple[int, Any]:
+    """One POST of ``sample``: (status, parsed answer); (0, None) when nothing answers."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("POST", path, body=json.dumps(SAMPLE),
+        connection.request("POST", path, body=json.dumps(sample),
                            headers={"Content-Type": "application/json"})
         response = connection.getresponse()
         body = response.read()
@@ -278,14 +278,18 @@ def inferq_env(home: Path) -> dict[str, str]:
     return env
 
 
-def start_inferq(procs: Processes, project: Path, replicas: int) -> Served:
-    """``inferq up`` until the endpoint answers and ``replicas`` replicas are live."""
+def start_inferq(procs: Processes, project: Path, replicas: int, *, api: str = API,
+                 endpoint: str = ENDPOINT, sample: Any = SAMPLE, expected: Any = EXPECTED,
+                 broker_url: str | None = None) -> Served:
+    """``inferq up`` until the endpoint answers ``sample`` with ``expected`` and ``replicas``
+    replicas of ``api`` are live; on ``broker_url`` when given, else its embedded Redis."""
     home = procs.workdir / f"home-{replicas}"
-    env = inferq_env(home)
+    env = inferq_env(home)  # `inferq get` finds the broker in home/stack.json
     port = free_port()
     name = f"inferq-up-{replicas}"
+    up_env = {**env, "INFERQ_BROKER_URL": broker_url} if broker_url else env
     process = procs.start(name, [sys.executable, "-m", "inferq", "up", str(project),
-                                 "--port", str(port)], env=env)
+                                 "--port", str(port)], env=up_env)
 
     def ready() -> bool:
         procs.alive(name, process)
@@ -293,17 +297,17 @@ def start_inferq(procs: Processes, project: Path, replicas: int) -> Served:
             return False
         try:
             rows = json.loads(run_command(
-                [sys.executable, "-m", "inferq", "get", API, "--output", "json"], env))
+                [sys.executable, "-m", "inferq", "get", api, "--output", "json"], env))
         except (RuntimeError, ValueError):
             return False  # not deployed yet
         row = rows[0]
         if row["status"] != "live" or row["up_to_date"] != replicas:
             return False
-        return post(port, ENDPOINT) == (200, EXPECTED)
+        return post(port, endpoint, sample=sample) == (200, expected)
 
     wait_until(ready, START_TIMEOUT, interval=0.5,
                what=f"inferq up with {replicas} live replica(s)")
-    return Served(port, ENDPOINT, home)
+    return Served(port, endpoint, home)
 
 
 # -- HTTP measurements -------------------------------------------------------------------------
