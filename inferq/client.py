@@ -43,7 +43,7 @@ from inferq.errors import (
 from inferq.registry import DeployedApi, Registry
 from inferq.workers import messages
 from inferq.workers.messages import queue_name
-from inferq.samples import check_sample
+from inferq.samples import batch_fits, check_sample
 
 log = logging.getLogger("inferq.client")
 
@@ -100,7 +100,11 @@ class _Replies:
                 self._stopped.wait(min(0.1 * 2**failures, 2.0))
                 replies = []
             for reply in replies:
-                self._complete(reply)
+                if "answers" in reply:  # a batch's answers to one list, in one reply
+                    for answer in reply["answers"]:
+                        self._complete(answer)
+                else:
+                    self._complete(reply)
             self._expire()
 
     def _wait_time(self) -> float:
@@ -323,9 +327,8 @@ class Client:
         deployed = self._deployed(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         expires_at = time.time() + timeout
-        ids = [uuid.uuid4().hex for _ in samples]
-        for position, sample in enumerate(samples):
-            check_sample(sample, api=api, index=first_index + position)
+        batch_id = uuid.uuid4().hex
+        ids = [f"{batch_id}.{position}" for position in range(len(samples))]
         message = self._encode_batch(api, samples, [(self.reply_key, i, expires_at) for i in ids],
                                      debug, first_index)
         futures = []
@@ -355,6 +358,11 @@ class Client:
     @staticmethod
     def _encode_batch(api: str, samples: list[Any], replies: list[tuple[str, str, float]],
                       debug: bool, first_index: int) -> str:
+        """The batch message; :class:`InvalidSample` naming the first sample that cannot
+        travel (the samples are checked together, and one by one only when that fails)."""
+        if not batch_fits(samples):
+            for position, sample in enumerate(samples):
+                check_sample(sample, api=api, index=first_index + position)
         try:
             return messages.encode_batch(uuid.uuid4().hex, list(samples), replies,
                                          queue=queue_name(api), debug=bool(debug))

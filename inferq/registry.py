@@ -144,8 +144,6 @@ class Registry:
         self._resign = self.redis.register_script(_RESIGN_SCRIPT)
         self._enqueue = self.redis.register_script(_ENQUEUE_SCRIPT)
         self._enqueue_async = self.redis.register_script(_ENQUEUE_ASYNC_SCRIPT)
-        self._track_value = self.redis.register_script(_TRACK_VALUE_SCRIPT)
-        self._track_class = self.redis.register_script(_TRACK_CLASS_SCRIPT)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -381,14 +379,28 @@ class Registry:
         return {k.decode(): float(v) for k, v in raw.items()}
 
     def track_class(self, api: str, label: str) -> None:
-        """Count one prediction of ``label`` (cut to :data:`TRACKER_LABEL_CHARS`); a label
-        past the first :data:`TRACKER_CLASSES_KEPT` classes counts as ``other``."""
-        # One script, so replicas tracking at once never keep more classes than the limit.
-        self._track_class(keys=[_key("tracker", api)],
-                          args=[cut_label(label), TRACKER_CLASSES_KEPT])
+        """Count one prediction of ``label`` (see :meth:`track_commands`)."""
+        for command in self.track_commands(api, {label: 1}, []):
+            self.redis.execute_command(*command)
 
-    def track_value(self, api: str, value: float) -> None:
-        self._track_value(keys=[_key("tracker", api)], args=[repr(value)])
+    def track_commands(self, api: str, classes: dict[str, int],
+                       values: list[float]) -> list[tuple]:
+        """The commands that count ``classes`` (label -> predictions) or add regression
+        ``values`` to the API's tracker, for the replica to send with its acknowledgement
+        (EVAL, not EVALSHA: a MULTI cannot recover from NOSCRIPT after a broker restart).
+
+        A label is cut to :data:`TRACKER_LABEL_CHARS`; one past the first
+        :data:`TRACKER_CLASSES_KEPT` classes counts as ``other`` (one script per label, so
+        replicas tracking at once never keep more classes than the limit)."""
+        key = _key("tracker", api)
+        commands: list[tuple] = []
+        for label, count in classes.items():
+            commands.append(("EVAL", _TRACK_CLASS_SCRIPT, 1, key, cut_label(label),
+                             TRACKER_CLASSES_KEPT, count))
+        if values:
+            commands.append(("EVAL", _TRACK_VALUES_SCRIPT, 1, key, len(values),
+                             repr(float(sum(values))), repr(min(values)), repr(max(values))))
+        return commands
 
     def tracker_stats(self, api: str) -> dict[str, Any]:
         """{"classes": {label: count}, "other": count} (``other`` only when some were counted
@@ -677,24 +689,25 @@ end
 return 0
 """
 
-_TRACK_VALUE_SCRIPT = """
-local value = tonumber(ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'count', 1)
-redis.call('HINCRBYFLOAT', KEYS[1], 'sum', ARGV[1])
+# ARGV: how many values, their sum, their min, their max.
+_TRACK_VALUES_SCRIPT = """
+redis.call('HINCRBY', KEYS[1], 'count', ARGV[1])
+redis.call('HINCRBYFLOAT', KEYS[1], 'sum', ARGV[2])
 local low = redis.call('HGET', KEYS[1], 'min')
-if low == false or value < tonumber(low) then redis.call('HSET', KEYS[1], 'min', ARGV[1]) end
+if low == false or tonumber(ARGV[3]) < tonumber(low) then redis.call('HSET', KEYS[1], 'min', ARGV[3]) end
 local high = redis.call('HGET', KEYS[1], 'max')
-if high == false or value > tonumber(high) then redis.call('HSET', KEYS[1], 'max', ARGV[1]) end
+if high == false or tonumber(ARGV[4]) > tonumber(high) then redis.call('HSET', KEYS[1], 'max', ARGV[4]) end
 return 1
 """
 
+# ARGV: the label, the classes kept at most, how many predictions of it.
 _TRACK_CLASS_SCRIPT = """
 local field = 'class:' .. ARGV[1]
 local kept = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], 'other')
 if kept < tonumber(ARGV[2]) or redis.call('HEXISTS', KEYS[1], field) == 1 then
-  return redis.call('HINCRBY', KEYS[1], field, 1)
+  return redis.call('HINCRBY', KEYS[1], field, ARGV[3])
 end
-return redis.call('HINCRBY', KEYS[1], 'other', 1)
+return redis.call('HINCRBY', KEYS[1], 'other', ARGV[3])
 """
 
 _RESIGN_SCRIPT = """

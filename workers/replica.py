@@ -90,6 +90,11 @@ class Replica:
             return [Outcome(error=problem) for _ in samples]
         return [self._converted(p, debug, started) for p in predictions]
 
+    def take_tracking(self) -> list[tuple]:
+        """The Redis commands recording the predictions tracked since the last call (sent
+        with the acknowledgement of the message they answer)."""
+        return self.tracker.take_commands() if self.tracker is not None else []
+
     def _one(self, sample: Any, debug: bool) -> Outcome:
         try:
             return Outcome(result=self.predict(sample, debug=debug))

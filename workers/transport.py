@@ -19,6 +19,7 @@ that consumes that queue takes and acknowledges this way; every other channel of
 from __future__ import annotations
 
 import json
+import logging
 from time import monotonic
 from typing import Any
 
@@ -26,6 +27,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.transport.virtual.base import Empty
 from kombu.utils.encoding import bytes_to_str
+
+logger = logging.getLogger("inferq.worker")
 
 TAKEN_KEY_OPTION = "inferq_taken_key"
 QUEUE_OPTION = "inferq_queue"
@@ -48,7 +51,9 @@ class QoS(kombu_redis.QoS):
         for command in channel.take_with_ack():
             pipe.execute_command(*command)
         pipe.delete(channel.taken_key)
-        pipe.execute()
+        for result in pipe.execute(raise_on_error=False):
+            if isinstance(result, Exception):  # a statistic, say: never the acknowledgement
+                logger.warning("a command sent with an acknowledgement failed: %s", result)
         return virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:

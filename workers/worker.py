@@ -215,6 +215,8 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
                 _answer_each(channel, request, error)
             else:
                 _answer(channel, backend, request, error)
+        for command in _replica.take_tracking():  # statistics ride on the acknowledgement
+            channel.send_with_ack(*command)
         message.ack()
 
     return handle
@@ -270,16 +272,18 @@ def _answer_each(channel: Any, request: TaskMessage,
     live = [i for i, (_, _, expires_at) in enumerate(request.replies) if expires_at > now]
     outcomes = ([dict(error) for _ in live] if error is not None
                 else _outcomes(request, [request.samples[i] for i in live]))
-    by_list: dict[str, list[str]] = {}
+    by_list: dict[str, list[dict[str, Any]]] = {}
     for i, outcome in zip(live, outcomes):
         reply_to, request_id, _ = request.replies[i]
         if not Registry.is_reply_key(reply_to):
             continue
         outcome.pop("index", None)
-        by_list.setdefault(reply_to, []).append(
-            _json({"id": request_id, "replica": _replica.id, "at": now, **outcome}))
-    for reply_to, replies in by_list.items():
-        channel.send_with_ack("RPUSH", reply_to, *replies)
+        by_list.setdefault(reply_to, []).append({"id": request_id, **outcome})
+    for reply_to, answers in by_list.items():
+        # One entry per waiter's list (Client.map: one for the whole batch), not per sample.
+        reply = answers[0] if len(answers) == 1 else {"answers": answers}
+        channel.send_with_ack("RPUSH", reply_to, _json({**reply, "replica": _replica.id,
+                                                        "at": now}))
         channel.send_with_ack("EXPIRE", reply_to, REPLY_TTL_SECONDS)
 
 
