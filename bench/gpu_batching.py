@@ -320,7 +320,7 @@ def report(info: dict[str, Any], results: dict[str, dict[str, Any]], wrong: dict
     ratio = rate(results["map_batch"]) / rate(results["local_batch"])
     on_gpu = info["device"].startswith("cuda")
     verdict = ("met" if ratio >= TARGET else "missed") if on_gpu else "applies on a GPU"
-    print(f"\n| ratio | measured | target |\n|---|---:|---|")
+    print("\n| ratio | measured | target |\n|---|---:|---|")
     print(f"| `Client.map` batch_size={batch} / in-process `predict_batch` loop "
           f"| {ratio:.1%} | >= {TARGET:.0%} on a GPU: {verdict} |")
     print(f"| `Client.map` batch_size={batch} / batch_size=1 "
