@@ -315,7 +315,7 @@ class Registry:
         # without a second round trip; Redis caches the compiled script by its hash anyway.
         pipe.eval(_ENQUEUE_SCRIPT, 5, _key("changes"), queue, self.extra_key(queue), reply_to,
                   _key("sent", request_id), changes, limit, message, 0, max(1, int(ttl)))
-        pipe.blpop([reply_to], timeout=wait)
+        pipe.blpop([reply_to], timeout=_blocking(wait))
         (code, value), popped = pipe.execute()
         outcome = _OUTCOMES[int(code)]
         reply = json.loads(popped[1]) if popped is not None and outcome == "queued" else None
@@ -350,7 +350,7 @@ class Registry:
 
     def wait_reply(self, reply_to: str, wait: float) -> dict[str, Any] | None:
         """The reply on ``reply_to`` (a list of one request's own), waiting up to ``wait`` s."""
-        popped = self.redis.blpop([reply_to], timeout=wait)
+        popped = self.redis.blpop([reply_to], timeout=_blocking(wait))
         return json.loads(popped[1]) if popped is not None else None
 
     def withdraw(self, queue: str, message: str) -> bool:
@@ -665,7 +665,7 @@ class Registry:
 
     def pop_replies(self, reply_to: str, timeout: float) -> list[dict[str, Any]]:
         """Wait up to ``timeout`` seconds for replies; return every reply available."""
-        first = self.redis.blpop([reply_to], timeout=timeout)
+        first = self.redis.blpop([reply_to], timeout=_blocking(timeout))
         if first is None:
             return []
         replies = [json.loads(first[1])]
@@ -772,6 +772,13 @@ def _check_ownership(deployment: Deployment, current: Any) -> None:
                 )
     if problems:
         raise DeployError("\n".join(problems))
+
+
+def _blocking(seconds: float) -> float:
+    """A BLPOP timeout that waits: Redis counts it in whole milliseconds, and one that rounds
+    to 0 blocks forever (a request 0.1 ms from its deadline waited out the 10 s socket
+    timeout)."""
+    return max(round(seconds, 3), 0.01)
 
 
 def _json_now() -> str:
