@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import redis
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -319,6 +320,7 @@ class GatewayRow:
     errors: int
     generator: str
     cpu: dict[str, float]  # µs per request by role
+    per_message: float  # requests per message the replicas took (about)
 
 
 def parse_setting(text: str) -> tuple[int, str]:
@@ -358,12 +360,26 @@ def measure_gateway(workdir: Path, setting: str, seconds: float, python_load: bo
             def run():
                 return load(served.port, served.path, sample, expected, clients=CLIENTS,
                             seconds=seconds, warmup=CLIENTS)
+        taken = messages_taken(served.home)
         result, _, cpu = meter.measure(run)
+        taken = messages_taken(served.home) - taken
     if result.generator == "python":  # this process's threads are the load generator
         cpu[LOADGEN] = cpu.pop(HERE)
     cpu = {role: used * 1e6 / max(result.count, 1) for role, used in cpu.items()}
     return GatewayRow(setting, result.rate, result.percentile(99),
-                      result.errors + warm.errors, result.generator, cpu)
+                      result.errors + warm.errors, result.generator, cpu,
+                      result.count / max(taken, 1))
+
+
+def messages_taken(home: Path) -> int:
+    """BLMOVE calls the stack's Redis has served so far: the messages replicas took, plus
+    their polls that found the queue empty (about one a second each while idle)."""
+    connection = redis.Redis.from_url(broker_url(home))
+    try:
+        stats = connection.info("commandstats").get("cmdstat_blmove", {})
+    finally:
+        connection.close()
+    return int(stats.get("calls", 0))
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -374,12 +390,15 @@ def us(value: float) -> str:
 
 
 def cpu_line(cpu: dict[str, float], wall_us: float) -> str:
-    """``total T (role U, ...); wall W``, the busiest process first; W is the mean wall time
-    per item (on 2 cores, a total CPU time over twice the wall time means waiting for a
-    core; a process whose CPU time is near the wall time is saturated)."""
+    """``total T (role U, ...); wall W; cores busy: ...``, the busiest process first; W is
+    the mean wall time per item, and U / W the cores a process kept busy: near 1 for one
+    process, it is saturated (one interpreter runs its Python on one core at a time); near
+    the machine's count in all, the machine is."""
     shown = sorted(((r, v) for r, v in cpu.items() if v >= 0.05), key=lambda i: -i[1])
     parts = ", ".join(f"{role} {us(used)}" for role, used in shown)
-    return f"total {us(sum(cpu.values()))} ({parts}); wall {us(wall_us)}"
+    busiest, most = shown[0] if shown else ("-", 0.0)
+    return (f"total {us(sum(cpu.values()))} ({parts}); wall {us(wall_us)}; cores busy: "
+            f"{sum(cpu.values()) / wall_us:.2f} in all, {most / wall_us:.2f} in {busiest}")
 
 
 def report(maps: list[MapRow], gateway: list[GatewayRow], samples: int, batch: int) -> int:
@@ -426,13 +445,15 @@ def report(maps: list[MapRow], gateway: list[GatewayRow], samples: int, batch: i
         off = gateway[0]
         print(f"\nGateway, {CLIENTS} clients ({off.generator}), trivial predictor with "
               f"predict_batch, {REPLICAS} replicas:\n")
-        print("| server_side_batching | req/s | p99 | req/s / without | p99 / without |")
-        print("|---|---:|---:|---:|---:|")
+        print("| server_side_batching | req/s | p99 | req/s / without | p99 / without "
+              "| requests per message |")
+        print("|---|---:|---:|---:|---:|---:|")
         for row in gateway:
             name = f"max_batch_size {row.setting.replace('/', ', batch_interval ')}" \
                 if row.setting else "without"
             print(f"| {name} | {row.rate:,.0f} | {row.p99 * 1000:.1f} ms | "
-                  f"{row.rate / off.rate:.2f}x | {row.p99 / off.p99:.2f}x |")
+                  f"{row.rate / off.rate:.2f}x | {row.p99 / off.p99:.2f}x | "
+                  f"{row.per_message:.1f} |")
         print("\nCPU microseconds per request, by process (both replicas together):\n")
         for row in gateway:
             print(f"- {row.setting or 'without'}: {cpu_line(row.cpu, 1e6 / row.rate)}")
