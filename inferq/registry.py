@@ -33,6 +33,14 @@ Keys (all under ``inferq:``):
 ``plan``                       JSON: per API, replicas per host, and what cannot be placed
 ``changes``                    counter bumped by every deploy and delete (cheap change check)
 ``lock:deploy``                lock serialising deploys and deletes
+``jobs``                      sorted set: batch job ids by submission time
+``jobs:active``               set: the jobs that want a driver (queued or running)
+``job:<id>``                  hash: a batch job's spec, status, counts and checkpoint
+                              (see inferq.jobs)
+``job:<id>:chunks``           hash: chunk number -> when it was queued (sent, not yet written)
+``job:<id>:results``          hash: chunk number -> its answer (written by the replica)
+``job:<id>:done``             list: chunk numbers answered, to wake the job's driver
+``job:<id>:driver``           the driver's lease (host, pid, token), renewed while it runs
 =============================  ==============================================================
 """
 
@@ -50,10 +58,11 @@ import redis
 
 from inferq.configs import Api, Deployment
 from inferq.errors import BrokerUnavailable, DeployError
-from inferq.workers.messages import extra_samples
+from inferq.workers.messages import extra_samples, job_answer
 
 PREFIX = "inferq:"
 REPLY_TTL_SECONDS = 300  # a reply nobody collects is gone after this
+JOB_WAKE_TTL_SECONDS = 24 * 3600  # a job's wake-up list (its answers are kept regardless)
 RETIRED_BUNDLE_TTL_SECONDS = 24 * 3600  # replicas of an old version may still fetch it
 LOG_LINES_KEPT = 10_000  # per API
 DEATHS_HEADER = "inferq_deaths"  # in a message: how many replicas died holding it
@@ -567,11 +576,52 @@ class Registry:
         extra = extra_samples(payload)
         if extra and queue:
             self.redis.decrby(self.extra_key(queue), extra)
+        job = _job_chunk(payload)
+        if job is not None:
+            job_id, chunk, first, size, indexes = job
+            answer = job_answer(first, [{"error": error}] * size, indexes)
+            pipe = self._pipeline(transaction=True)
+            for command in self.job_answer_commands(job_id, chunk, answer):
+                pipe.execute_command(*command)
+            pipe.execute()
+            return
         for reply_to, task_id in _reply_lists(payload):
             if self.is_reply_key(reply_to):
                 self.push_reply(reply_to, {"id": task_id, "error": error, "at": time.time()})
             elif reply_to.startswith(_key("async", "")):
                 self.redis.hset(reply_to, mapping={"status": "failed", "error": error})
+
+    # -- batch jobs ---------------------------------------------------------------------------
+
+    @staticmethod
+    def changes_key() -> str:
+        return _key("changes")
+
+    @staticmethod
+    def replicas_key(api: str) -> str:
+        return _key("replicas", api)
+
+    @staticmethod
+    def stats_key(api: str) -> str:
+        return _key("stats", api)
+
+    @staticmethod
+    def job_key(job_id: str, part: str = "") -> str:
+        """A batch job's hash, or its ``chunks``, ``results``, ``done`` or ``driver`` key."""
+        return _key("job", job_id, part) if part else _key("job", job_id)
+
+    @staticmethod
+    def jobs_key(part: str = "") -> str:
+        """The set of all jobs, or (``active``) of those that want a driver."""
+        return _key("jobs", part) if part else _key("jobs")
+
+    @classmethod
+    def job_answer_commands(cls, job_id: str, chunk: int, answer: str) -> list[tuple]:
+        """The commands that store a job chunk's answer and wake the job's driver (a replica
+        sends them with its acknowledgement)."""
+        done = cls.job_key(job_id, "done")
+        return [("HSET", cls.job_key(job_id, "results"), chunk, answer),
+                ("RPUSH", done, chunk), ("EXPIRE", done, JOB_WAKE_TTL_SECONDS)]
 
     # -- logs ---------------------------------------------------------------------------------
 
@@ -783,6 +833,19 @@ def _blocking(seconds: float) -> float:
 
 def _json_now() -> str:
     return json.dumps(time.time())
+
+
+def _job_chunk(payload: dict[str, Any]) -> tuple[str, int, int, int, list | None] | None:
+    """(job id, chunk, first index, samples, indexes) of a queued job chunk (its JSON
+    envelope)."""
+    try:
+        args, kwargs, *_ = json.loads(payload["body"])
+        if kwargs.get("job"):
+            return (str(kwargs["job"]), int(kwargs["chunk"]), int(kwargs["first"]),
+                    len(args[0]), kwargs.get("indexes"))
+    except (KeyError, TypeError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _reply_lists(payload: dict[str, Any]) -> list[tuple[str, str]]:

@@ -18,6 +18,11 @@ each on its own: a plain Celery caller gets a list with one ``{"result": ...}`` 
 waiter (a sample past its deadline is skipped). The header ``inferq_extra`` (samples beyond
 one) keeps the queue's sample count that the scaler and admission read.
 
+A batch job's chunk (``inferq.jobdriver``) is a batch message whose answers go to the job,
+not to waiters: ``kwargs`` add ``"job"`` (the job's id), ``"chunk"`` (its number) and
+``"first"`` (the index of its first sample in the job's input). The replica stores the chunk's
+answer in the job's results hash (:func:`job_answer`) with its acknowledgement, so it outlives the job's driver.
+
 The body is the JSON text ``[args, kwargs, embed]`` (Celery base64-encodes it; kombu accepts
 either).
 """
@@ -69,6 +74,39 @@ def encode_batch(task_id: str, samples: list[Any], replies: list[tuple[str, str,
                      expires_at=max(r[2] for r in replies), extra=len(samples) - 1)
 
 
+def encode_job_chunk(task_id: str, samples: list[Any], *, queue: str, job: str, chunk: int,
+                     first: int, expires_at: float, indexes: list[int] | None = None) -> str:
+    """The message for chunk number ``chunk`` of batch job ``job`` (samples ``first``
+    onwards, or at ``indexes`` where some lines of the input were no samples), answered into
+    the job's results; void after ``expires_at``."""
+    kwargs = {"batch": True, "debug": False, "job": job, "chunk": chunk, "first": first}
+    if indexes is not None:
+        kwargs["indexes"] = indexes
+    return _envelope(task_id, [samples], kwargs, queue=queue, reply_to="",
+                     expires_at=expires_at, extra=len(samples) - 1)
+
+
+def job_answer(first: int, outcomes: list[dict[str, Any]],
+               indexes: list[int] | None = None) -> str:
+    """A job chunk's answer as stored in the job's results hash: ``{"lines": ..., "failed":
+    [[index, error], ...]}``, where ``lines`` is the chunk's output text, ready to append: one
+    JSON line per sample, ``{"index": i, "result": ...}`` or ``{"index": i, "error": ...}``
+    (a sample's outcome is ``{"result": ...}`` or ``{"error": ...}``; its index is ``first``
+    plus its position, or taken from ``indexes``)."""
+    lines = []
+    failed = []
+    for offset, outcome in enumerate(outcomes):
+        index = first + offset if indexes is None else indexes[offset]
+        if "error" in outcome:
+            failed.append([index, outcome["error"]])
+            line = {"index": index, "error": outcome["error"]}
+        else:
+            line = {"index": index, "result": outcome["result"]}
+        lines.append(json.dumps(line, separators=(",", ":")))
+    return json.dumps({"lines": "\n".join(lines) + "\n" if lines else "", "failed": failed},
+                      separators=(",", ":"))
+
+
 def _envelope(task_id: str, args: list, kwargs: dict, *, queue: str, reply_to: str,
               expires_at: float, extra: int) -> str:
     # kombu's encoder, as send_task's: dates, decimals and UUIDs travel as they would there.
@@ -113,6 +151,8 @@ class Task:
     replies: list[tuple[str, str, float]] | None  # per sample, for inferq's batch senders
     extra: int  # samples beyond one that the queue's count holds for this message
     async_state: str | None  # an async request's state hash
+    job: tuple[str, int, int, list[int] | None] | None  # a job chunk's (job id, chunk, first
+    # index, indexes)
 
     @classmethod
     def from_message(cls, message: Any) -> Task:
@@ -136,6 +176,8 @@ class Task:
             replies=[tuple(r) for r in replies] if replies is not None else None,
             extra=int(headers.get(EXTRA_HEADER) or 0),
             async_state=kwargs.get("async_state"),
+            job=((str(kwargs["job"]), int(kwargs["chunk"]), int(kwargs.get("first", 0)),
+                  kwargs.get("indexes")) if kwargs.get("job") else None),
         )
 
 

@@ -29,7 +29,7 @@ from celery.worker.consumer import Consumer, control
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.registry import REPLY_TTL_SECONDS, Registry
 from inferq.workers.app import make_app
-from inferq.workers.messages import TASK_NAME
+from inferq.workers.messages import TASK_NAME, job_answer
 from inferq.workers.messages import Task as TaskMessage
 from inferq.workers.messages import queue_name
 from inferq.workers.replica import Replica, bootstrap
@@ -177,6 +177,8 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
         try:
             if request.async_state is not None:
                 _serve_async(channel, request)
+            elif request.job is not None:
+                _answer_job(channel, request, _outcomes(request))
             elif request.replies is not None:
                 _answer_each(channel, request)
             elif request.batch:
@@ -211,6 +213,8 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
             if request.async_state is not None:
                 channel.send_with_ack("HSET", request.async_state, "status", "failed",
                                       "error", error["error"])
+            elif request.job is not None:
+                _answer_job(channel, request, [dict(error) for _ in request.samples])
             elif request.replies is not None:
                 _answer_each(channel, request, error)
             else:
@@ -262,6 +266,14 @@ def _serve_async(channel: Any, request: TaskMessage) -> None:
     fields = [item for pair in done.items() for item in pair]
     channel.send_with_ack("HSET", key, *fields, "done_at", time.time())
     channel.send_with_ack("EXPIRE", key, max(1, retention))
+
+
+def _answer_job(channel: Any, request: TaskMessage, outcomes: list[dict[str, Any]]) -> None:
+    """A batch job's chunk: its answer into the job's results, and a word to its driver."""
+    job, chunk, first, indexes = request.job
+    answer = job_answer(first, outcomes, indexes)
+    for command in Registry.job_answer_commands(job, chunk, answer):
+        channel.send_with_ack(*command)
 
 
 def _answer_each(channel: Any, request: TaskMessage,
