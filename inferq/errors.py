@@ -75,6 +75,11 @@ class UnknownRequest(InferqError):
     """No async request has that id (never queued, or past its API's ``async_retention``)."""
 
 
+class JobError(InferqError):
+    """A batch job cannot be submitted, resumed or go on: its input or output cannot be read
+    or written, or the job or its API is unknown. The message names the job and the place."""
+
+
 class RequestWithdrawn(InferqError):
     """A request was taken off its queue because its caller went away."""
 

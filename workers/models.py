@@ -100,7 +100,7 @@ class _S3Model:
         self.bucket, _, self.key = url[len("s3://"):].partition("/")
         if not self.bucket:
             raise self._error("the URL names no bucket (expected s3://bucket/key)")
-        self.client = _client()
+        self.client = s3_client()
 
     def fetch(self, cache_dir: Path) -> Path:
         """Download the model unless this host holds its current ETags; return its path."""
@@ -219,11 +219,14 @@ class _S3Model:
         return ModelDownloadError(f'api "{self.api}": model {self.url}: {message}')
 
 
-def _client() -> Any:
-    """An S3 client from boto3's configuration; unsigned when no credentials are found."""
+def s3_client(attempts: int = 1) -> Any:
+    """An S3 client from boto3's configuration; unsigned when no credentials are found.
+
+    ``attempts``: boto3's own tries per call (model downloads retry with tenacity instead,
+    so there boto3's retries would only multiply the attempts)."""
     session = boto3.session.Session()
-    # tenacity does the retrying, so boto3's own retries would only multiply the attempts
-    config = Config(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=30)
+    config = Config(retries={"total_max_attempts": attempts, "mode": "standard"},
+                    connect_timeout=5, read_timeout=30)
     if session.get_credentials() is None:
         config = config.merge(Config(signature_version=botocore.UNSIGNED))
     return session.client("s3", config=config)

@@ -1,0 +1,291 @@
+"""The driver of one batch job: ``python -m inferq.jobdriver JOB_ID TOKEN``.
+
+A scaler starts it (:mod:`inferq.scaler.jobs`) once it holds the job's lease (``TOKEN``). The
+driver reads the input from the job's checkpoint in chunks (``batch_size`` samples each) and
+sends each chunk as one batch message on the API's queue, where the API's replicas predict it
+like any other and store its answer in the job's results in Redis, with their
+acknowledgement. The driver writes the answers to the output in input order, failed samples
+also to the dead letter, and records a checkpoint (samples written, where the input goes on,
+the output's state) every half second, and whenever an S3 output uploads a part.
+
+What it holds stays bounded whatever the input's size: at most ``window`` samples are read
+and not yet written. It never floods the queue ahead of live traffic either: a chunk is
+queued only while the API's queue holds fewer messages than the API has replicas, so a
+synchronous request finds at most about one chunk per replica ahead of it.
+
+Nothing is predicted twice: which chunks were queued is recorded with the queueing itself
+(one script), so a driver that goes on after another one died waits for those chunks'
+answers instead of sending them again; a stop withdraws the chunks no replica took yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from inferq.errors import JobError
+from inferq.jobfiles import Chunk, LocalSource, Position, open_sink, open_source
+from inferq.jobs import FAILED, STOPPED, SUCCEEDED, WITH_FAILURES, Jobs, JobRecord
+from inferq.registry import Registry
+from inferq.workers import messages
+from inferq.workers.messages import queue_name
+
+log = logging.getLogger("inferq.jobdriver")
+
+CHUNK_BYTES = 4 << 20  # a chunk also ends once its lines hold this much
+COMMIT_SECONDS = 0.5  # a checkpoint at most this often (and at the end, a stop, an S3 part)
+RENEW_SECONDS = 1.0  # the lease is renewed, and a stop looked for, this often
+BUSY_POLL_SECONDS = 0.02  # while the queue is busy, how soon to try again
+
+
+class LeaseLost(Exception):
+    """Another driver has the job now (this one was too slow to renew its lease)."""
+
+
+@dataclass
+class _Flight:
+    """A chunk read and not yet written."""
+
+    chunk: Chunk
+    message: str | None = None  # as this driver queued it (None: not queued by this driver)
+    sent_at: float | None = None  # when it was queued, by this driver or an earlier one
+    answer: dict[str, Any] | None = None
+
+
+class Driver:
+    """Drives one job to its end, a stop, or a failure; see the module doc."""
+
+    def __init__(self, registry: Registry, job_id: str, token: str) -> None:
+        self.registry = registry
+        self.jobs = Jobs(registry)
+        self.job_id = job_id
+        self.token = token
+        self.flights: deque[_Flight] = deque()
+        self.in_flight = 0  # samples read and not yet written
+
+    def run(self) -> str:
+        """Drive the job; return the status it ended with ("" when the lease was lost)."""
+        record = self.jobs.require(self.job_id)
+        self.jobs.start_run(self.job_id, f"{socket.gethostname()}:{os.getpid()}")
+        try:
+            return self._drive(record)
+        except LeaseLost:
+            log.warning("job %s: another driver took over", self.job_id)
+            return ""
+        except JobError as exc:
+            log.error("job %s failed: %s", self.job_id, exc)
+            self.jobs.finish(self.job_id, self.token, FAILED, str(exc))
+            return FAILED
+
+    def _drive(self, record: JobRecord) -> str:
+        deployed = self._deployed(record.api)
+        self.changes = self.registry.changes()
+        self.retention = deployed.api.compute.async_retention
+        source = open_source(record.input)
+        self.output = open_sink(record.output, record.writers.get("output"))
+        self.dead = open_sink(record.dead_letter, record.writers.get("dead_letter"), lazy=True)
+        if record.total is None and isinstance(source, LocalSource):
+            self.jobs.set_total(self.job_id, source.count())
+        chunks = source.chunks(Position.from_json(record.position), number=record.chunk,
+                               first=record.checkpoint, batch_size=record.batch_size,
+                               max_bytes=CHUNK_BYTES)
+        sent_before = self.jobs.sent_chunks(self.job_id)
+        self._start_checkpoint(record)
+        next_renew = 0.0
+        stopping = eof = False
+        while True:
+            if time.monotonic() >= next_renew:
+                if not self.jobs.renew(self.job_id, self.token):
+                    raise LeaseLost
+                stopping = self.jobs.require(self.job_id).stop
+                next_renew = time.monotonic() + RENEW_SECONDS
+            if stopping:
+                return self._stop()
+            while not eof and self.in_flight < record.window:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    eof = True
+                    if record.total is None:
+                        self.jobs.set_total(self.job_id, self.checkpoint + self.in_flight)
+                    break
+                self.flights.append(_Flight(chunk, sent_at=sent_before.pop(chunk.number, None)))
+                self.in_flight += chunk.size
+            busy = self._send(record)
+            self._collect()
+            self._write()
+            if eof and not self.flights:
+                return self._end()
+            self.jobs.wait_answered(self.job_id, BUSY_POLL_SECONDS if busy else
+                                    max(0.01, next_renew - time.monotonic()))
+
+    # -- sending and collecting ---------------------------------------------------------------
+
+    def _send(self, record: JobRecord) -> bool:
+        """Queue the chunks read and not queued yet, in order; True when the API's queue was
+        busy (some wait to be sent)."""
+        now = time.time()
+        for flight in self.flights:
+            if flight.sent_at is not None and flight.answer is None \
+                    and now - flight.sent_at > self.retention:
+                log.warning("job %s: chunk %d was queued %.0fs ago and never answered (past the "
+                            "API's async_retention); queueing it again", self.job_id,
+                            flight.chunk.number, now - flight.sent_at)
+                flight.sent_at = flight.message = None
+            if flight.sent_at is not None or flight.answer is not None:
+                continue
+            chunk = flight.chunk
+            if not chunk.samples:  # every line of it was no JSON: nothing to predict
+                flight.answer = {"lines": "", "failed": []}
+                continue
+            message = messages.encode_job_chunk(
+                uuid.uuid4().hex, chunk.samples, queue=queue_name(record.api), job=self.job_id,
+                chunk=chunk.number, first=chunk.first, expires_at=now + self.retention,
+                indexes=chunk.indexes if chunk.bad else None)
+            outcome = self.jobs.send(self.job_id, self.token, api=record.api, message=message,
+                                     extra=len(chunk.samples) - 1, chunk=chunk.number,
+                                     changes=self.changes)
+            if outcome == "stale":  # something was deployed or deleted: is the API still here?
+                self._deployed(record.api)
+                self.changes = self.registry.changes()
+                return True
+            if outcome == "lost":
+                raise LeaseLost
+            if outcome == "busy":
+                return True
+            flight.message, flight.sent_at = message, now
+        return False
+
+    def _collect(self) -> None:
+        waiting = [f for f in self.flights if f.answer is None and f.sent_at is not None]
+        for flight, answer in zip(waiting, self.jobs.answers(
+                self.job_id, [f.chunk.number for f in waiting])):
+            flight.answer = answer
+
+    def _write(self) -> None:
+        """Write the answered chunks at the head, in order; checkpoint when it is due."""
+        part_uploaded = False
+        while self.flights and self.flights[0].answer is not None:
+            flight = self.flights.popleft()
+            chunk, answer = flight.chunk, flight.answer
+            lines, failed = answer["lines"], [(i, e) for i, e in answer["failed"]]
+            if chunk.bad:
+                lines, failed = _merge_bad(chunk, lines, failed)
+            part_uploaded |= self.output.write(lines)
+            if failed:
+                samples = dict(zip(chunk.indexes, chunk.samples))
+                dead = [_json_line({"index": i, "sample": chunk.bad[i][0] if i in chunk.bad
+                                    else samples[i], "error": error}) for i, error in failed]
+                self.dead.write("".join(dead))
+            self.in_flight -= chunk.size
+            self.pending_failed += len(failed)
+            self.pending_done += chunk.size - len(failed)
+            self.pending_chunks.append(chunk.number)
+            self.checkpoint, self.next_chunk = chunk.first + chunk.size, chunk.number + 1
+            self.position = chunk.after
+        if self.pending_chunks and (part_uploaded or self._local_output() and
+                                    time.monotonic() - self.committed_at >= COMMIT_SECONDS):
+            self._commit()
+
+    # -- checkpoints and ends -----------------------------------------------------------------
+
+    def _start_checkpoint(self, record: JobRecord) -> None:
+        self.checkpoint, self.next_chunk = record.checkpoint, record.chunk
+        self.position = Position.from_json(record.position)
+        self.pending_done = self.pending_failed = 0
+        self.pending_chunks: list[int] = []
+        self.committed_at = time.monotonic()
+
+    def _local_output(self) -> bool:
+        return not self.output.uri.startswith("s3://")
+
+    def _commit(self) -> None:
+        writers = {"output": self.output.state(), "dead_letter": self.dead.state()}
+        if not self.jobs.commit(self.job_id, self.token, api=self.api, checkpoint=self.checkpoint,
+                                chunk=self.next_chunk, position=self.position.to_json(),
+                                writers=writers, done=self.pending_done,
+                                failed=self.pending_failed, chunks=self.pending_chunks):
+            raise LeaseLost
+        self.pending_done = self.pending_failed = 0
+        self.pending_chunks = []
+        self.committed_at = time.monotonic()
+
+    def _end(self) -> str:
+        self.output.close()
+        self.dead.close()
+        self._commit()
+        failed = self.jobs.require(self.job_id).failed
+        status = WITH_FAILURES if failed else SUCCEEDED
+        self.jobs.finish(self.job_id, self.token, status)
+        log.info("job %s: %s", self.job_id, status)
+        return status
+
+    def _stop(self) -> str:
+        """Withdraw the chunks no replica took yet, keep what was written, end ``stopped``.
+        Chunks that replicas hold are answered into the job's results, for a resume."""
+        queue = queue_name(self.api)
+        for flight in self.flights:
+            if flight.message is not None and flight.answer is None \
+                    and self.registry.withdraw(queue, flight.message):
+                self.jobs.unsend(self.job_id, flight.chunk.number)
+        self._collect()
+        self._write()
+        self._commit()
+        self.jobs.finish(self.job_id, self.token, STOPPED)
+        log.info("job %s: stopped after %d samples", self.job_id, self.checkpoint)
+        return STOPPED
+
+    def _deployed(self, api: str) -> Any:
+        self.api = api
+        deployed = self.registry.api(api)
+        if deployed is None:
+            raise JobError(f'api "{api}" is not deployed; deploy it and resume the job '
+                           f"(inferq batch submit --resume {self.job_id})")
+        return deployed
+
+
+def _merge_bad(chunk: Chunk, lines: str, failed: list[tuple[int, str]]
+               ) -> tuple[str, list[tuple[int, str]]]:
+    """A chunk's output and failures with its lines that were no JSON put back in place."""
+    answered = iter(lines.splitlines())
+    out = []
+    for index in range(chunk.first, chunk.first + chunk.size):
+        if index in chunk.bad:
+            out.append(_json_line({"index": index, "error": chunk.bad[index][1]}))
+        else:
+            out.append(next(answered) + "\n")
+    failed = sorted([*failed, *((i, error) for i, (_, error) in chunk.bad.items())])
+    return "".join(out), failed
+
+
+def _json_line(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":")) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from inferq import stack
+
+    job_id, token = (argv if argv is not None else sys.argv[1:])[:2]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s jobdriver %(message)s")
+    registry = Registry(stack.broker_url())
+    try:
+        status = Driver(registry, job_id, token).run()
+    except redis.RedisError as exc:
+        log.error("job %s: the broker is unreachable (%s); another driver goes on", job_id, exc)
+        return 1
+    finally:
+        registry.close()
+    return 0 if status else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
