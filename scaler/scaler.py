@@ -29,6 +29,7 @@ from inferq.processes import pid_alive, wait_until
 from inferq.registry import DeployedApi, Registry
 from inferq.scaler.decide import Autoscaler, Load, place
 from inferq.scaler.host import Capacity, Nvml, ProcessTreeSampler
+from inferq.scaler.jobs import JobRunner
 from inferq.scaler.replicas import LogPump, ReplicaProcess, start_replica
 from inferq.scaler.status import judge
 from inferq.workers.messages import queue_name
@@ -83,6 +84,7 @@ class Scaler:
         self.sampler = ProcessTreeSampler()
         self.nvml = Nvml()  # without a driver it reports nothing and costs nothing
         self.logs = LogPump(self.registry, echo=echo_logs)
+        self.job_runner = JobRunner(self.registry, broker_url)
         self.replicas: list[ReplicaProcess] = []
         self.backoff: dict[str, _Backoff] = {}
         self.failed_here: set[str] = set()  # APIs with a failure recorded from this host
@@ -130,9 +132,14 @@ class Scaler:
         else:
             plan = self.registry.plan()
         self._reconcile(deployed, plan.get("hosts", {}), now)
+        self.job_runner.tick()
 
     def shutdown(self) -> None:
         """Stop every replica (each finishes its request), then leave the system."""
+        try:
+            self.job_runner.shutdown()
+        except redis.RedisError:
+            pass
         for replica in self.replicas:
             replica.stop()
         deadline = time.monotonic() + STOP_GRACE_SECONDS + 60
