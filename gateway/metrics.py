@@ -1,7 +1,8 @@
 """The gateway's Prometheus metrics, and the request counts ``inferq get`` shows.
 
 Request counters and latency histograms live in this process (Prometheus scrapes each
-gateway); queue depth and replicas are read from the registry at scrape time. Counts per
+gateway); queue depth, replicas and batch job samples (``inferq_job_samples_total``, counted
+by the jobs' drivers) are read from the registry at scrape time. Counts per
 status class and latency sums are also added to the registry once a second, so ``inferq get``
 shows the totals of every gateway without a request paying a Redis round trip for them.
 """
@@ -14,7 +15,7 @@ from collections import defaultdict
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from inferq.errors import InferqError
@@ -115,9 +116,15 @@ class _RegistryCollector:
                                   labels=["api"])
         replicas = GaugeMetricFamily("inferq_replicas", "Replicas by status",
                                      labels=["api", "status"])
+        job_samples = CounterMetricFamily("inferq_job_samples",
+                                          "Batch job samples written, by outcome",
+                                          labels=["api", "outcome"])
         try:
             registry = self._client.registry
             for deployed in self._client.apis():
+                stats = registry.request_stats(deployed.name)
+                job_samples.add_metric([deployed.name, "completed"], stats.get("job_samples", 0))
+                job_samples.add_metric([deployed.name, "failed"], stats.get("job_failed", 0))
                 depth.add_metric([deployed.name], registry.queue_length(queue_name(deployed.name)))
                 counts: dict[str, int] = defaultdict(int)
                 for record in registry.replicas(deployed.name):
@@ -128,3 +135,4 @@ class _RegistryCollector:
             log.warning("metrics: registry unreachable (%s)", exc)
         yield depth
         yield replicas
+        yield job_samples

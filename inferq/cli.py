@@ -84,7 +84,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from inferq.status import host_rows, render_api, render_hosts, render_table, snapshot
+    from inferq.status import (host_rows, render_api, render_hosts, render_jobs, render_table,
+                               snapshot)
 
     registry = _registry()
     while True:
@@ -97,12 +98,79 @@ def cmd_get(args: argparse.Namespace) -> int:
             text = render_api(rows[0], stack.gateway_url())
         else:
             text = render_table(rows)
+            running = _running_jobs(registry)
+            if running:
+                text += "\n\n" + render_jobs(running)
         if args.watch:
             sys.stdout.write("\x1b[2J\x1b[H")
         print(text)
         if not args.watch:
             return 0
         time.sleep(1)
+
+
+def _running_jobs(registry) -> list[dict]:
+    from inferq.jobs import ENDED, Jobs
+
+    return [j.to_dict() for j in Jobs(registry).list() if j.status not in ENDED]
+
+
+def cmd_batch_submit(args: argparse.Namespace) -> int:
+    from inferq.client import Client
+
+    with Client(_registry().url) as client:
+        if args.resume:
+            if args.api or args.input:
+                print("error: --resume JOB_ID takes no API_NAME or INPUT (the job has them)",
+                      file=sys.stderr)
+                return 2
+            job = client.job(args.resume).resume()
+            print(f"job {job.id}: queued again; it goes on from its checkpoint")
+        else:
+            if not (args.api and args.input):
+                print("error: batch submit needs API_NAME and INPUT (or --resume JOB_ID)",
+                      file=sys.stderr)
+                return 2
+            job = client.batch(args.api, args.input, args.output, batch_size=args.batch_size,
+                               window=args.window)
+            state = job.status()
+            print(f"job {job.id}: submitted ({state['input']} -> {state['output']})")
+        if not args.wait:
+            print(f"follow it with: inferq batch get {job.id}")
+            return 0
+        from inferq.status import render_job
+
+        state = job.wait(progress=True)
+        print(render_job(state))
+        return 1 if state["status"] == "failed" else 0
+
+
+def cmd_batch_get(args: argparse.Namespace) -> int:
+    from inferq.jobs import Jobs
+    from inferq.status import render_job, render_jobs
+
+    jobs = Jobs(_registry())
+    if args.job_id:
+        state = jobs.require(args.job_id).to_dict()
+        print(json.dumps(state, indent=2) if args.output == "json" else render_job(state))
+        return 0
+    states = [j.to_dict() for j in jobs.list()]
+    print(json.dumps(states, indent=2) if args.output == "json" else render_jobs(states))
+    return 0
+
+
+def cmd_batch_stop(args: argparse.Namespace) -> int:
+    from inferq.jobs import Jobs
+
+    status = Jobs(_registry()).stop(args.job_id)
+    if status == "stopped":
+        print(f"job {args.job_id}: stopped")
+    elif status == "running":
+        print(f"job {args.job_id}: stopping (what was predicted is kept; resume it with "
+              f"`inferq batch submit --resume {args.job_id}`)")
+    else:
+        print(f"job {args.job_id}: already {status}")
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -271,6 +339,30 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("sample_file", metavar="SAMPLE_FILE")
     predict.add_argument("--debug", action="store_true", help="log the sample and prediction")
     predict.set_defaults(handler=cmd_predict)
+
+    batch = sub.add_parser("batch", help="batch jobs: every sample of a data set through an API")
+    actions = batch.add_subparsers(metavar="ACTION")
+    submit = actions.add_parser("submit", help="submit a batch job (or resume one)")
+    submit.add_argument("api", nargs="?", metavar="API_NAME")
+    submit.add_argument("input", nargs="?", metavar="INPUT",
+                        help="a JSON Lines file, a folder of them, or an s3:// object or prefix")
+    submit.add_argument("--output", help="a local path or s3:// object for one JSON line per "
+                        "sample (default: beside the input, <input>.predictions.jsonl)")
+    submit.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    submit.add_argument("--resume", metavar="JOB_ID",
+                        help="go on with a stopped or failed job from its checkpoint")
+    submit.add_argument("--batch-size", type=int, default=64,
+                        help="samples per message (default 64)")
+    submit.add_argument("--window", type=int, default=512,
+                        help="samples in flight at most (default 512)")
+    submit.set_defaults(handler=cmd_batch_submit)
+    job_get = actions.add_parser("get", help="list batch jobs, or show one")
+    job_get.add_argument("job_id", nargs="?", metavar="JOB_ID")
+    job_get.add_argument("--output", choices=["table", "json"], default="table")
+    job_get.set_defaults(handler=cmd_batch_get)
+    job_stop = actions.add_parser("stop", help="stop a batch job (what was predicted is kept)")
+    job_stop.add_argument("job_id", metavar="JOB_ID")
+    job_stop.set_defaults(handler=cmd_batch_stop)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(handler=cmd_version)

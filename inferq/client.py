@@ -14,7 +14,9 @@ and a connection per waiting request does not scale to hundreds of them.
 
 from __future__ import annotations
 
+import functools
 import heapq
+import os
 import itertools
 import logging
 import threading
@@ -40,6 +42,7 @@ from inferq.errors import (
     UnknownRequest,
     some_of,
 )
+from inferq.jobs import Job, Jobs
 from inferq.registry import DeployedApi, Registry
 from inferq.workers import messages
 from inferq.workers.messages import queue_name
@@ -389,6 +392,49 @@ class Client:
         total = len(samples) if hasattr(samples, "__len__") else None
         bar = _progress_bar(api, total) if progress else None
         return self._map(api, iter(samples), bar, batch_size, max(window, batch_size), timeout)
+
+    def batch(self, api: str, input: str | os.PathLike, output: str | os.PathLike | None = None,
+              *, batch_size: int = 64,
+              window: int = 512) -> Job:
+        """Submit a batch job: every sample of ``input`` predicted through ``api``'s queue.
+
+        ``input``: a JSON Lines file, a folder of ``.jsonl`` files, or an ``s3://`` object or
+        prefix of them. ``output`` (default beside the input, ``<input>.predictions.jsonl``):
+        a local path or ``s3://`` object that gets one line per sample in input order,
+        ``{"index": i, "result": ...}`` or ``{"index": i, "error": ...}``; failed samples also
+        go to ``<output>.failed.jsonl`` with the sample. Samples travel ``batch_size`` to a
+        message, at most ``window`` at a time. The job runs on the stack (any host's scaler
+        drives it), not in this process: it goes on when this process ends. Raises
+        :class:`UnknownAPI`, or :class:`JobError` for an input or output it cannot use.
+        """
+        from inferq import jobfiles
+        from inferq.jobs import this_machine
+
+        self._deployed(api)
+        if batch_size < 1 or window < batch_size:
+            raise ValueError(f"batch_size must be at least 1 and window at least batch_size, "
+                             f"got {batch_size}, {window}")
+        input = jobfiles.resolve(input)
+        source = jobfiles.open_source(input)
+        output = jobfiles.resolve(output) if output else jobfiles.default_output(input)
+        jobfiles.check_output(output, source)
+        dead_letter = jobfiles.dead_letter_of(output)
+        jobfiles.check_output(dead_letter, source)
+        local = not (input.startswith("s3://") and output.startswith("s3://"))
+        job_id = self.jobs.create(api=api, input=input, output=output, dead_letter=dead_letter,
+                                  batch_size=batch_size, window=window,
+                                  machine=this_machine() if local else "")
+        return Job(self, job_id)
+
+    def job(self, job_id: str) -> Job:
+        """The batch job ``job_id``; :class:`JobError` when there is none."""
+        self.jobs.require(job_id)
+        return Job(self, job_id)
+
+    @functools.cached_property
+    def jobs(self) -> Jobs:
+        """The batch jobs' records (:class:`inferq.jobs.Jobs`)."""
+        return Jobs(self.registry)
 
     def close(self) -> None:
         self._replies.close()

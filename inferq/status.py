@@ -278,3 +278,42 @@ def age(timestamp: float) -> str:
     if seconds < 86400:
         return f"{seconds // 3600}h"
     return f"{seconds // 86400}d"
+
+
+def render_jobs(jobs: list[dict[str, Any]]) -> str:
+    """Batch jobs as ``inferq batch get`` (and ``inferq get``, for running ones) lists them."""
+    if not jobs:
+        return "no batch jobs (submit one with `inferq batch submit API_NAME INPUT`)"
+    header = ("job id", "api", "status", "done", "failed", "total", "rate", "started", "output")
+    lines = [header] + [
+        (
+            j["id"], j["api"], j["status"] + (" (stopping)" if j["stopping"] else ""),
+            _count(j["done"]), _count(j["failed"]),
+            _count(j["total"]) if j["total"] is not None else "?",
+            f"{j['rate']:.0f}/s" if j["rate"] else "-",
+            f"{age(j['started_at'])} ago" if j["started_at"] else "-",
+            j["output"],
+        )
+        for j in jobs
+    ]
+    return _columns(lines, numeric={3, 4, 5, 6})
+
+
+def render_job(job: dict[str, Any]) -> str:
+    """One batch job in full (``inferq batch get JOB_ID``)."""
+    total = job["total"] if job["total"] is not None else "? (counted once read)"
+    fields = [
+        ("job", job["id"]), ("api", job["api"]),
+        ("status", job["status"] + (" (stopping)" if job["stopping"] else "")),
+        ("samples", f"{job['done']} done, {job['failed']} failed, of {total}"),
+        ("rate", f"{job['rate']:.0f} samples/s" if job["rate"] else "-"),
+        ("created", f"{age(job['created_at'])} ago"),
+        ("started", f"{age(job['started_at'])} ago" if job["started_at"] else "-"),
+        ("ended", f"{age(job['ended_at'])} ago" if job["ended_at"] else "-"),
+        ("input", job["input"]), ("output", job["output"]),
+        ("dead letter", job["dead_letter"] or "-"),
+    ]
+    if job["error"]:
+        fields.append(("error", job["error"]))
+    width = max(len(name) for name, _ in fields)
+    return "\n".join(f"{name + ':':<{width + 1}} {value}" for name, value in fields)
