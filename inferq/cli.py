@@ -131,8 +131,12 @@ def cmd_batch_submit(args: argparse.Namespace) -> int:
                 print("error: batch submit needs API_NAME and INPUT (or --resume JOB_ID)",
                       file=sys.stderr)
                 return 2
-            job = client.batch(args.api, args.input, args.output, batch_size=args.batch_size,
-                               window=args.window)
+            try:
+                job = client.batch(args.api, args.input, args.output,
+                                   batch_size=args.batch_size, window=args.window)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             state = job.status()
             print(f"job {job.id}: submitted ({state['input']} -> {state['output']})")
         if not args.wait:

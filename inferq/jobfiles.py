@@ -28,7 +28,8 @@ from inferq.errors import JobError
 from inferq.workers.models import s3_client
 
 READ_BYTES = 1 << 20  # read this much of an input at a time
-PART_BYTES = 8 << 20  # an S3 output uploads a part each time this much is written (min 5 MiB)
+# An S3 output uploads a part each time this much is written (S3 takes parts of 5 MiB or more).
+PART_BYTES = int(os.environ.get("INFERQ_JOB_PART_BYTES", 8 << 20))
 S3_ATTEMPTS = 5  # boto3's tries per S3 call; a broken read stream is reopened where it broke
 
 

@@ -110,6 +110,7 @@ class JobRecord:
             "dead_letter": self.dead_letter if self.failed else None,
             "error": self.error or None,
             "stopping": self.stop and self.status not in ENDED,
+            "driven_on": self.machine or None,
         }
 
 

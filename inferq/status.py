@@ -310,6 +310,8 @@ def render_job(job: dict[str, Any]) -> str:
         ("created", f"{age(job['created_at'])} ago"),
         ("started", f"{age(job['started_at'])} ago" if job["started_at"] else "-"),
         ("ended", f"{age(job['ended_at'])} ago" if job["ended_at"] else "-"),
+        ("driven on", (job["driven_on"] + " (the job reads or writes local files there)")
+         if job["driven_on"] else "any host (S3 only)"),
         ("input", job["input"]), ("output", job["output"]),
         ("dead letter", job["dead_letter"] or "-"),
     ]

@@ -9,6 +9,7 @@ failing or stalling S3. Nothing patches boto3: every request is real HTTP.
 from __future__ import annotations
 
 import http.client
+import os
 import subprocess
 import sys
 import threading
@@ -24,6 +25,9 @@ from inferq.processes import spawn, stop, wait_until
 from inferq.stack import free_port
 
 
+S3_PART_MIN_BYTES = 64 * 1024
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """The endpoint URL of a moto S3 server for the session, stopped by PID at the end."""
@@ -32,6 +36,8 @@ def s3_server(tmp_path_factory):
     with open(log_path, "wb") as log:
         process = spawn(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            # multipart uploads with small parts, so tests need not write 5 MiB per part
+            env={**os.environ, "S3_UPLOAD_PART_MIN_SIZE": str(S3_PART_MIN_BYTES)},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
