@@ -17,6 +17,7 @@ from collections import Counter
 import pytest
 import requests
 from conftest import inferq_command, write_project
+from s3server import S3_PART_MIN_BYTES
 
 from inferq import Client, JobError, UnknownAPI
 from inferq.deploy import deploy
@@ -203,6 +204,37 @@ def test_a_job_survives_the_sigkill_of_its_driver(registry, scalers, client, tmp
     counts = predicted_counts(predicted)
     assert set(counts) == set(range(2000)) and set(counts.values()) == {1}
     assert [line["index"] for line in read_lines(tmp_path / "out.jsonl")] == list(range(2000))
+
+
+def test_an_s3_output_goes_on_with_its_multipart_upload_after_the_driver_dies(
+        registry, scalers, client, s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("INFERQ_JOB_PART_BYTES", str(S3_PART_MIN_BYTES))  # parts of 64 KiB
+    predicted = deploy_scorer(registry, tmp_path, replicas=2, slow=0.001)
+    scalers.start()
+    s3.create_bucket(Bucket="data")
+    source = tmp_path / "in.jsonl"
+    write_samples(source, 6000, fail={4321})
+    s3.upload_file(str(source), "data", "in.jsonl")
+    job = client.batch("scorer", "s3://data/in.jsonl", "s3://data/out.jsonl", batch_size=16,
+                       window=128)
+    # a part or more uploaded and checkpointed: the upload is under way
+    wait_until(lambda: len(client.jobs.require(job.id).writers.get("output", {})
+                           .get("parts", ())) >= 1, 60, what="a part uploaded")
+
+    driver = client.jobs.require(job.id).driver
+    os.kill(int(driver.rsplit(":", 1)[1]), signal.SIGKILL)
+    state = wait_ended(client, job.id)
+    assert (state["status"], state["done"], state["failed"]) == (
+        "completed with failures", 5999, 1)
+    assert client.jobs.require(job.id).driver != driver
+    body = s3.get_object(Bucket="data", Key="out.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["index"] for line in body.splitlines()] == list(range(6000))
+    assert len(body) > 3 * S3_PART_MIN_BYTES  # it did travel in several parts
+    dead = s3.get_object(Bucket="data", Key="out.failed.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["index"] for line in dead.splitlines()] == [4321]
+    assert s3.list_multipart_uploads(Bucket="data").get("Uploads", []) == []
+    counts = predicted_counts(predicted)
+    assert set(counts) == set(range(6000)) and set(counts.values()) == {1}
 
 
 def test_sync_requests_do_not_wait_behind_a_running_job(
