@@ -10,8 +10,10 @@ the output's state) every half second, and whenever an S3 output uploads a part.
 
 What it holds stays bounded whatever the input's size: at most ``window`` samples are read
 and not yet written. It never floods the queue ahead of live traffic either: a chunk is
-queued only while the API's queue holds fewer messages than the API has replicas, so a
-synchronous request finds at most about one chunk per replica ahead of it.
+queued only while the API's queue holds fewer messages than half the API's replicas (at least
+one), so a synchronous request finds about half a chunk per replica ahead of it, whatever the
+job's size; and the driver runs at a lower CPU priority (nice 10), so on a busy host the
+gateway and the replicas answering live requests get the CPU first.
 
 Nothing is predicted twice: which chunks were queued is recorded with the queueing itself
 (one script), so a driver that goes on after another one died waits for those chunks'
@@ -46,6 +48,7 @@ CHUNK_BYTES = 4 << 20  # a chunk also ends once its lines hold this much
 COMMIT_SECONDS = 0.5  # a checkpoint at most this often (and at the end, a stop, an S3 part)
 RENEW_SECONDS = 1.0  # the lease is renewed, and a stop looked for, this often
 BUSY_POLL_SECONDS = 0.02  # while the queue is busy, how soon to try again
+NICENESS = 10  # the driver's CPU priority, below live traffic's
 
 
 class LeaseLost(Exception):
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from inferq import stack
 
     job_id, token = (argv if argv is not None else sys.argv[1:])[:2]
+    os.nice(NICENESS)  # batch work: the CPU goes to live requests first
     logging.basicConfig(level=logging.INFO, format="%(asctime)s jobdriver %(message)s")
     registry = Registry(stack.broker_url())
     try:

@@ -237,9 +237,9 @@ class Jobs:
 
     def send(self, job_id: str, token: str, *, api: str, message: str, extra: int,
              chunk: int, changes: int) -> str:
-        """Queue a chunk unless the API's queue already holds a message per replica (live
-        traffic goes first), the APIs changed, or the lease was lost: "queued", "busy",
-        "stale" or "lost"."""
+        """Queue a chunk unless the API's queue already holds a message per two replicas (at
+        least one; live traffic goes first), the APIs changed, or the lease was lost:
+        "queued", "busy", "stale" or "lost"."""
         queue = queue_name(api)
         code = self._send(
             keys=[Registry.changes_key(), queue, Registry.extra_key(queue),
@@ -399,7 +399,8 @@ return 1
 _SEND = """
 if redis.call('GET', KEYS[6]) ~= ARGV[6] then return -2 end
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return -1 end
-if redis.call('LLEN', KEYS[2]) >= math.max(1, redis.call('HLEN', KEYS[4])) then return 0 end
+local room = math.max(1, math.ceil(redis.call('HLEN', KEYS[4]) / 2))
+if redis.call('LLEN', KEYS[2]) >= room then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2])
 local extra = tonumber(ARGV[3])
 if extra > 0 then redis.call('INCRBY', KEYS[3], extra) end
