@@ -223,9 +223,11 @@ class Driver:
         self.committed_at = time.monotonic()
 
     def _end(self) -> str:
+        self.output.seal()  # an S3 output's last part uploaded and in the checkpoint, so a
+        self.dead.seal()  # driver taking over from here completes the same upload
+        self._commit()
         self.output.close()
         self.dead.close()
-        self._commit()
         failed = self.jobs.require(self.job_id).failed
         status = WITH_FAILURES if failed else SUCCEEDED
         self.jobs.finish(self.job_id, self.token, status)

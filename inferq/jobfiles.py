@@ -239,6 +239,10 @@ class Sink:
         once this returns)."""
         raise NotImplementedError
 
+    def seal(self) -> None:
+        """Make everything written durable and part of :meth:`state`, before :meth:`close`
+        (which a driver taking over from one that died while closing repeats)."""
+
     def close(self) -> None:
         """Finish the output: what was written is there, whole."""
         raise NotImplementedError
@@ -318,6 +322,10 @@ class S3Sink(Sink):
     def state(self) -> dict[str, Any]:
         return {"upload": self.upload, "parts": self.parts, "tail": "".join(self.buffer)}
 
+    def seal(self) -> None:
+        if self.upload is not None and self.buffered:
+            self._upload_part()  # the last part: what close() completes is in the checkpoint
+
     def close(self) -> None:
         if self.upload is None:
             if self.buffered or not self.lazy:
@@ -331,7 +339,8 @@ class S3Sink(Sink):
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload,
                 MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in self.parts]})
         except botocore.exceptions.ClientError as exc:
-            # A driver that completed it and died before its checkpoint: it is there already.
+            # A driver that completed it and died before its last checkpoint (sealed, so the
+            # parts it completed are the ones here): the object is there already.
             if _code(exc) != "NoSuchUpload" or not self._exists():
                 raise JobError(f"output {self.uri}: {_describe(exc, self.bucket)}") from None
 

@@ -117,3 +117,24 @@ def test_an_s3_output_goes_on_with_the_same_multipart_upload(s3, monkeypatch):
     body = s3.get_object(Bucket="out", Key="scores.jsonl")["Body"].read().decode()
     assert body == line * 64 + "tail\nmore\n"
     assert s3.list_multipart_uploads(Bucket="out").get("Uploads", []) == []
+
+
+def test_an_s3_output_completed_by_a_driver_that_then_died_stays_whole(s3, monkeypatch):
+    from s3server import S3_PART_MIN_BYTES
+
+    from inferq import jobfiles
+
+    monkeypatch.setattr(jobfiles, "PART_BYTES", S3_PART_MIN_BYTES)
+    s3.create_bucket(Bucket="out")
+    line = "x" * 1023 + "\n"
+    sink = open_sink("s3://out/scores.jsonl")
+    for _ in range(64):
+        sink.write(line)
+    sink.write("tail\n")
+    sink.seal()
+    checkpoint = json.loads(json.dumps(sink.state()))  # the driver's last checkpoint
+    sink.close()  # ... and the driver died right after
+
+    open_sink("s3://out/scores.jsonl", checkpoint).close()  # the next driver ends it again
+    body = s3.get_object(Bucket="out", Key="scores.jsonl")["Body"].read().decode()
+    assert body == line * 64 + "tail\n"

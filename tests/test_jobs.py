@@ -41,8 +41,10 @@ def predict(sample, metadata):
 """
 
 
-def deploy_scorer(registry, tmp_path, *, replicas: int = 1, slow: float = 0) -> str:
+def deploy_scorer(registry, tmp_path, *, replicas: int = 1, slow: float = 0,
+                  compute: str | None = None) -> str:
     predicted = tmp_path / "predicted.log"
+    compute = compute or f"{{min_replicas: {replicas}, max_replicas: {replicas}, cpu: 100m}}"
     deploy(write_project(tmp_path / "project", f"""
         - kind: deployment
           name: shop
@@ -51,7 +53,7 @@ def deploy_scorer(registry, tmp_path, *, replicas: int = 1, slow: float = 0) -> 
           predictor:
             path: predictor.py
             metadata: {{predicted: "{predicted}", slow: "{slow}"}}
-          compute: {{min_replicas: {replicas}, max_replicas: {replicas}, cpu: 100m}}
+          compute: {compute}
         """, {"predictor.py": PREDICTOR}), registry)
     return str(predicted)
 
@@ -206,6 +208,37 @@ def test_a_job_survives_the_sigkill_of_its_driver(registry, scalers, client, tmp
     assert [line["index"] for line in read_lines(tmp_path / "out.jsonl")] == list(range(2000))
 
 
+def test_a_job_goes_on_on_another_host_when_its_host_is_lost(registry, scalers, client, s3,
+                                                            tmp_path):
+    """A host lost (its scaler SIGKILLed: its replicas and the job's driver die with it): the
+    driver's lease lapses and the other host's scaler goes on with the job."""
+    predicted = deploy_scorer(registry, tmp_path, replicas=1, slow=0.002)
+    scalers.start("host-a")
+    s3.create_bucket(Bucket="data")
+    source = tmp_path / "in.jsonl"
+    write_samples(source, 3000)
+    s3.upload_file(str(source), "data", "in.jsonl")
+    job = client.batch("scorer", "s3://data/in.jsonl", "s3://data/out.jsonl", batch_size=8,
+                       window=64)
+    wait_until(lambda: job.status()["done"] >= 200, 60, what="the job under way on host-a")
+    scalers.start("host-b")
+    wait_until(lambda: "host-b" in registry.hosts(), 30, what="host-b up")
+
+    driver = client.jobs.require(job.id).driver
+    scalers.kill("host-a")
+    wait_until(lambda: not pid_alive(int(driver.rsplit(":", 1)[1])), 10,
+               what="the driver gone with its host")
+    state = wait_ended(client, job.id, timeout=120)
+    assert (state["status"], state["done"]) == ("succeeded", 3000)
+    counts = predicted_counts(predicted)
+    assert set(counts) == set(range(3000))
+    # Only the chunk host-a's replica was predicting when it died runs again (a replica's
+    # death retries what it held); the job itself sends no chunk twice.
+    assert sum(count - 1 for count in counts.values()) <= 8, counts.most_common(10)
+    body = s3.get_object(Bucket="data", Key="out.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["index"] for line in body.splitlines()] == list(range(3000))
+
+
 def test_an_s3_output_goes_on_with_its_multipart_upload_after_the_driver_dies(
         registry, scalers, client, s3, tmp_path, monkeypatch):
     monkeypatch.setenv("INFERQ_JOB_PART_BYTES", str(S3_PART_MIN_BYTES))  # parts of 64 KiB
@@ -298,6 +331,17 @@ def test_inferq_get_shows_a_running_job_beside_the_apis(registry, scalers, clien
     assert "scorer" in shown.stdout and job.id in shown.stdout and "running" in shown.stdout
     assert job.stop() == "running"
     assert wait_ended(client, job.id)["status"] == "stopped"
+
+
+def test_a_job_scales_an_idle_api_from_zero(registry, scalers, client, tmp_path):
+    deploy_scorer(registry, tmp_path, compute="{min_replicas: 0, max_replicas: 1, cpu: 100m}")
+    scalers.start()
+    wait_until(lambda: (s := registry.status("scorer")) and s["status"] == "stopped", 60,
+               what="the API stopped at zero replicas")
+    source = tmp_path / "in.jsonl"
+    write_samples(source, 200)
+    state = client.batch("scorer", source, batch_size=16).wait(timeout=90)
+    assert (state["status"], state["done"]) == ("succeeded", 200)
 
 
 def test_bad_submissions_are_refused_before_a_job_exists(registry, client, s3, tmp_path):
