@@ -49,6 +49,9 @@ COMMIT_SECONDS = 0.5  # a checkpoint at most this often (and at the end, a stop,
 RENEW_SECONDS = 1.0  # the lease is renewed, and a stop looked for, this often
 BUSY_POLL_SECONDS = 0.02  # while the queue is busy, how soon to try again
 NICENESS = 10  # the driver's CPU priority, below live traffic's
+CHUNK_FLOOR_SECONDS = 0.002  # a chunk may always take this long (about a request's overhead)
+CHUNK_SLOWER = 1.5  # ... or this many times as long as a single sample
+SIZER_RETRY = 64  # answers after which a size found too slow is tried again
 
 
 class LeaseLost(Exception):
@@ -73,7 +76,9 @@ class Driver:
         self.jobs = Jobs(registry)
         self.job_id = job_id
         self.token = token
-        self.flights: deque[_Flight] = deque()
+        self.flights: deque[_Flight] = deque()  # read and not yet written, in input order
+        self.unsent: deque[_Flight] = deque()  # read and not queued (the queue was busy)
+        self.waiting: dict[int, _Flight] = {}  # queued and not answered, by chunk number
         self.in_flight = 0  # samples read and not yet written
 
     def run(self) -> str:
@@ -99,64 +104,72 @@ class Driver:
         self.dead = open_sink(record.dead_letter, record.writers.get("dead_letter"), lazy=True)
         if record.total is None and isinstance(source, LocalSource):
             self.jobs.set_total(self.job_id, source.count())
-        chunks = source.chunks(Position.from_json(record.position), number=record.chunk,
-                               first=record.checkpoint, batch_size=record.batch_size,
-                               max_bytes=CHUNK_BYTES)
         sent_before = self.jobs.sent_chunks(self.job_id)
+        self.sizer = ChunkSizer(record.batch_size)
+
+        def size_of(number: int) -> int:  # a chunk queued before is read again alike
+            return sent_before[number][1] if number in sent_before else self.sizer.size
+
+        chunks = source.chunks(Position.from_json(record.position), number=record.chunk,
+                               first=record.checkpoint, size_of=size_of, max_bytes=CHUNK_BYTES)
         self._start_checkpoint(record)
         next_renew = 0.0
-        stopping = eof = False
+        eof = False
+        answered: list[int] | None = None  # None: look for every awaited chunk's answer
         while True:
             if time.monotonic() >= next_renew:
                 if not self.jobs.renew(self.job_id, self.token):
                     raise LeaseLost
-                stopping = self.jobs.require(self.job_id).stop
+                if self.jobs.require(self.job_id).stop:
+                    return self._stop()
+                self._requeue_lost()
+                answered = None  # a sweep now and then: a wake-up may have gone missing
                 next_renew = time.monotonic() + RENEW_SECONDS
-            if stopping:
-                return self._stop()
-            while not eof and self.in_flight < record.window:
+            self._collect(answered)
+            self._write()
+            # Read a chunk only when it can be sent: its size is decided then (ChunkSizer).
+            busy = self._send(record)
+            while not busy and not eof and self.in_flight < record.window:
                 chunk = next(chunks, None)
                 if chunk is None:
                     eof = True
                     if record.total is None:
                         self.jobs.set_total(self.job_id, self.checkpoint + self.in_flight)
                     break
-                self.flights.append(_Flight(chunk, sent_at=sent_before.pop(chunk.number, None)))
+                before = sent_before.pop(chunk.number, None)
+                flight = _Flight(chunk, sent_at=before[0] if before else None)
+                self.flights.append(flight)
                 self.in_flight += chunk.size
-            busy = self._send(record)
-            self._collect()
-            self._write()
+                if before:
+                    self.waiting[chunk.number] = flight
+                else:
+                    self.unsent.append(flight)
+                    busy = self._send(record)
             if eof and not self.flights:
                 return self._end()
-            self.jobs.wait_answered(self.job_id, BUSY_POLL_SECONDS if busy else
-                                    max(0.01, next_renew - time.monotonic()))
+            answered = self.jobs.wait_answered(self.job_id, BUSY_POLL_SECONDS if busy else
+                                               max(0.01, next_renew - time.monotonic()))
 
     # -- sending and collecting ---------------------------------------------------------------
 
     def _send(self, record: JobRecord) -> bool:
-        """Queue the chunks read and not queued yet, in order; True when the API's queue was
-        busy (some wait to be sent)."""
+        """Queue the chunks read and not queued yet; True when the API's queue was busy (they
+        wait to be sent)."""
         now = time.time()
-        for flight in self.flights:
-            if flight.sent_at is not None and flight.answer is None \
-                    and now - flight.sent_at > self.retention:
-                log.warning("job %s: chunk %d was queued %.0fs ago and never answered (past the "
-                            "API's async_retention); queueing it again", self.job_id,
-                            flight.chunk.number, now - flight.sent_at)
-                flight.sent_at = flight.message = None
-            if flight.sent_at is not None or flight.answer is not None:
-                continue
+        while self.unsent:
+            flight = self.unsent[0]
             chunk = flight.chunk
             if not chunk.samples:  # every line of it was no JSON: nothing to predict
                 flight.answer = {"lines": "", "failed": []}
+                self.unsent.popleft()
                 continue
             message = messages.encode_job_chunk(
                 uuid.uuid4().hex, chunk.samples, queue=queue_name(record.api), job=self.job_id,
                 chunk=chunk.number, first=chunk.first, expires_at=now + self.retention,
                 indexes=chunk.indexes if chunk.bad else None)
             outcome = self.jobs.send(self.job_id, self.token, api=record.api, message=message,
-                                     extra=len(chunk.samples) - 1, chunk=chunk.number,
-                                     changes=self.changes)
+                                     chunk=chunk.number, size=chunk.size,
+                                     extra=len(chunk.samples) - 1, changes=self.changes)
             if outcome == "stale":  # something was deployed or deleted: is the API still here?
                 self._deployed(record.api)
                 self.changes = self.registry.changes()
@@ -166,13 +179,34 @@ class Driver:
             if outcome == "busy":
                 return True
             flight.message, flight.sent_at = message, now
+            self.unsent.popleft()
+            self.waiting[chunk.number] = flight
         return False
 
-    def _collect(self) -> None:
-        waiting = [f for f in self.flights if f.answer is None and f.sent_at is not None]
-        for flight, answer in zip(waiting, self.jobs.answers(
-                self.job_id, [f.chunk.number for f in waiting])):
+    def _requeue_lost(self) -> None:
+        """Queue again a chunk unanswered past the API's async_retention (its message expired
+        unserved: a replica drops an expired message, so nothing runs twice)."""
+        now = time.time()
+        for number, flight in list(self.waiting.items()):
+            if now - flight.sent_at > self.retention:
+                log.warning("job %s: chunk %d was queued %.0fs ago and never answered (past the "
+                            "API's async_retention); queueing it again", self.job_id, number,
+                            now - flight.sent_at)
+                del self.waiting[number]
+                flight.sent_at = flight.message = None
+                self.unsent.append(flight)
+
+    def _collect(self, answered: list[int] | None) -> None:
+        """The answers of the chunks ``answered`` (None: of every chunk awaited)."""
+        numbers = list(self.waiting) if answered is None else \
+            [n for n in answered if n in self.waiting]
+        for number, answer in zip(numbers, self.jobs.answers(self.job_id, numbers)):
+            if answer is None:
+                continue
+            flight = self.waiting.pop(number)
             flight.answer = answer
+            if answer.get("took") is not None:
+                self.sizer.answered(len(flight.chunk.samples), answer["took"])
 
     def _write(self) -> None:
         """Write the answered chunks at the head, in order; checkpoint when it is due."""
@@ -238,11 +272,11 @@ class Driver:
         """Withdraw the chunks no replica took yet, keep what was written, end ``stopped``.
         Chunks that replicas hold are answered into the job's results, for a resume."""
         queue = queue_name(self.api)
-        for flight in self.flights:
-            if flight.message is not None and flight.answer is None \
-                    and self.registry.withdraw(queue, flight.message):
-                self.jobs.unsend(self.job_id, flight.chunk.number)
-        self._collect()
+        for number, flight in list(self.waiting.items()):
+            if flight.message is not None and self.registry.withdraw(queue, flight.message):
+                self.jobs.unsend(self.job_id, number)
+                del self.waiting[number]
+        self._collect(None)
         self._write()
         self._commit()
         self.jobs.finish(self.job_id, self.token, STOPPED)
@@ -256,6 +290,44 @@ class Driver:
             raise JobError(f'api "{api}" is not deployed; deploy it and resume the job '
                            f"(inferq batch submit --resume {self.job_id})")
         return deployed
+
+
+class ChunkSizer:
+    """How many samples the next chunk takes: as many as keep it about as quick to predict
+    as a single sample (at least :data:`CHUNK_FLOOR_SECONDS`), up to ``batch_size``.
+
+    A synchronous request that arrives while a job runs waits for a replica to finish the
+    chunk it holds, so the time a chunk takes is what a job adds to live latency. A model
+    whose cost is per call (a GPU's batch, numpy) keeps chunks of ``batch_size``; one whose
+    cost is per sample (``predict`` at 10 ms each) gets chunks of a sample or two. Sizes start
+    at 1 (the time of one sample is measured first), double while answers come back within
+    the bound, and halve when one does not; a size that was too slow is not tried again
+    until :data:`SIZER_RETRY` answers later (a busy moment must not cap a job forever).
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.most = batch_size
+        self.size = 1
+        self.single: float | None = None  # the quickest chunk of one sample seen
+        self.ceiling = batch_size + 1  # a size known to be too slow
+        self.since_slow = 0
+
+    def answered(self, samples: int, took: float) -> None:
+        if samples == 1:
+            self.single = took if self.single is None else min(self.single, took)
+        if self.single is None or samples < 1:
+            return
+        bound = max(CHUNK_FLOOR_SECONDS, CHUNK_SLOWER * self.single)
+        if took > bound:
+            self.ceiling = min(self.ceiling, samples)
+            self.size = min(self.size, max(1, samples // 2))
+            self.since_slow = 0
+            return
+        self.since_slow += 1
+        if self.since_slow >= SIZER_RETRY:
+            self.ceiling, self.since_slow = self.most + 1, 0
+        if samples >= self.size:
+            self.size = max(1, min(samples * 2, self.ceiling - 1, self.most))
 
 
 def _merge_bad(chunk: Chunk, lines: str, failed: list[tuple[int, str]]

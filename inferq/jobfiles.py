@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,16 +82,17 @@ class Source:
     def blocks(self, part: str, offset: int) -> Iterator[bytes]:
         raise NotImplementedError
 
-    def chunks(self, position: Position, *, number: int, first: int, batch_size: int,
-               max_bytes: int) -> Iterator[Chunk]:
+    def chunks(self, position: Position, *, number: int, first: int,
+               size_of: Callable[[int], int], max_bytes: int) -> Iterator[Chunk]:
         """The chunks from ``position`` on, numbered from ``number``, sample indexes from
-        ``first``; a chunk ends after ``batch_size`` samples or ``max_bytes`` of lines (at
-        least one sample). The same position and settings give the same chunks, which is what
-        lets a resumed job recognise the chunks it sent before."""
+        ``first``; chunk ``n`` ends after ``size_of(n)`` samples (asked when it begins) or
+        ``max_bytes`` of lines (at least one sample). The same position and sizes give the
+        same chunks, which is what lets a resumed job recognise the chunks it sent before."""
         samples: list[Any] = []
         bad: dict[int, tuple[str, str]] = {}
         size = held = 0
         after = position
+        batch_size = size_of(number)
         for line, after in self._lines(position):
             if not line.strip():
                 continue
@@ -107,6 +108,7 @@ class Source:
                 yield Chunk(number, first, size, samples, bad, after)
                 number, first = number + 1, first + size
                 samples, bad, size, held = [], {}, 0, 0
+                batch_size = size_of(number)
         if size:
             yield Chunk(number, first, size, samples, bad, after)
 

@@ -217,9 +217,14 @@ class Jobs:
     def set_total(self, job_id: str, total: int) -> None:
         self.redis.hset(Registry.job_key(job_id), "total", total)
 
-    def sent_chunks(self, job_id: str) -> dict[int, float]:
+    def sent_chunks(self, job_id: str) -> dict[int, tuple[float, int]]:
+        """The chunks queued and not yet written: number -> (when, how many samples)."""
         raw = self.redis.hgetall(Registry.job_key(job_id, "chunks"))
-        return {int(k): float(v) for k, v in raw.items()}
+        sent = {}
+        for number, value in raw.items():
+            when, _, size = value.decode().partition(":")
+            sent[int(number)] = (float(when), int(size))
+        return sent
 
     def answers(self, job_id: str, chunks: list[int]) -> list[dict[str, Any] | None]:
         if not chunks:
@@ -227,16 +232,21 @@ class Jobs:
         raw = self.redis.hmget(Registry.job_key(job_id, "results"), chunks)
         return [json.loads(r) if r is not None else None for r in raw]
 
-    def wait_answered(self, job_id: str, timeout: float) -> None:
-        """Wait up to ``timeout`` for a replica to answer one of the job's chunks."""
+    def wait_answered(self, job_id: str, timeout: float) -> list[int]:
+        """Wait up to ``timeout`` for replicas to answer some of the job's chunks; their
+        numbers (those answered since the last call)."""
         key = Registry.job_key(job_id, "done")
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.blpop([key], timeout=max(timeout, 0.01))
-        pipe.delete(key)  # one wake-up is enough: the driver reads every answer there is
-        pipe.execute()
+        first = self.redis.blpop([key], timeout=max(timeout, 0.01))
+        if first is None:
+            return []
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key)
+        rest, _ = pipe.execute()
+        return [int(first[1]), *(int(n) for n in rest)]
 
-    def send(self, job_id: str, token: str, *, api: str, message: str, extra: int,
-             chunk: int, changes: int) -> str:
+    def send(self, job_id: str, token: str, *, api: str, message: str, chunk: int, size: int,
+             extra: int, changes: int) -> str:
         """Queue a chunk unless the API's queue already holds a message per two replicas (at
         least one; live traffic goes first), the APIs changed, or the lease was lost:
         "queued", "busy", "stale" or "lost"."""
@@ -245,7 +255,7 @@ class Jobs:
             keys=[Registry.changes_key(), queue, Registry.extra_key(queue),
                   Registry.replicas_key(api),
                   Registry.job_key(job_id, "chunks"), Registry.job_key(job_id, "driver")],
-            args=[changes, message, extra, chunk, time.time(), token])
+            args=[changes, message, extra, chunk, f"{time.time()}:{size}", token])
         return {1: "queued", 0: "busy", -1: "stale", -2: "lost"}[int(code)]
 
     def unsend(self, job_id: str, chunk: int) -> None:
@@ -395,7 +405,7 @@ end
 return 1
 """
 # KEYS: changes, queue, its extra counter, the API's replicas, the job's chunks, lease;
-# ARGV: changes, message, extra samples, chunk, now, token.
+# ARGV: changes, message, extra samples, chunk, "now:samples in the chunk", token.
 _SEND = """
 if redis.call('GET', KEYS[6]) ~= ARGV[6] then return -2 end
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return -1 end

@@ -18,7 +18,9 @@ from inferq.jobfiles import (
 
 
 def chunks(source, position=Position(), **kwargs):
-    settings = {"number": 0, "first": 0, "batch_size": 3, "max_bytes": 1 << 20, **kwargs}
+    size = kwargs.pop("batch_size", 3)
+    settings = {"number": 0, "first": 0, "size_of": lambda n: size, "max_bytes": 1 << 20,
+                **kwargs}
     return list(source.chunks(position, **settings))
 
 
@@ -48,6 +50,13 @@ def test_reading_from_a_chunks_end_gives_the_same_chunks_again(tmp_path):
     resumed = chunks(source, whole[1].after, number=2, first=8, batch_size=4)
     assert [(c.number, c.first, c.samples) for c in resumed] == \
         [(c.number, c.first, c.samples) for c in whole[2:]]
+
+
+def test_each_chunk_takes_the_size_asked_for_it(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(10)))
+    read = chunks(open_source(str(path)), size_of=lambda n: n + 1)
+    assert [c.size for c in read] == [1, 2, 3, 4]
 
 
 def test_a_chunk_also_ends_at_its_byte_limit(tmp_path):

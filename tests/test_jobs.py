@@ -379,3 +379,57 @@ def test_only_a_stopped_or_failed_job_resumes(registry, client, tmp_path):
         job.resume()
     assert job.stop() == "stopped"  # a queued job stops at once
     assert job.resume().status()["status"] == "queued"
+
+
+def test_a_slow_predictor_gets_small_chunks_so_sync_requests_wait_little(
+        registry, scalers, client, start_gateway, tmp_path):
+    """At 20 ms a sample, a chunk of 64 would hold a replica for over a second; the driver
+    sizes chunks from the replicas' timings to about one sample's time instead."""
+    predicted = deploy_scorer(registry, tmp_path, replicas=2, slow=0.02)
+    scalers.start()
+    gateway = start_gateway()
+    source = tmp_path / "in.jsonl"
+    write_samples(source, 400)
+    job = client.batch("scorer", str(source))  # batch_size 64: the most, not the rule
+    wait_until(lambda: job.status()["done"] >= 20, 60, what="the job under way")
+    for k in range(5):
+        with open(predicted, "a") as log:
+            log.write(f"{-1 - k}\n")
+        assert gateway.post("/shop/scorer", {"id": 100_000 + k, "x": 1}).status_code == 200
+    assert job.status()["status"] == "running"
+    order = [int(line) for line in open(predicted) if line.strip()]
+    for k in range(5):
+        sent, answered = order.index(-1 - k), order.index(100_000 + k)
+        ahead = [i for i in order[sent:answered] if 0 <= i < 400]
+        assert len(ahead) <= 12, f"request {k} waited behind {len(ahead)} job samples"
+    job.stop()
+    assert wait_ended(client, job.id)["status"] == "stopped"
+
+
+@pytest.mark.parametrize(("cost", "expected"), [
+    (lambda n: 0.00001 * n, 64),  # numpy-like: cheap per sample, chunks of batch_size
+    (lambda n: 0.020 + 0.0001 * n, 64),  # a GPU batch: the cost is per call
+    (lambda n: 0.010 * n, 1),  # predict at 10 ms a sample: one sample a chunk
+])
+def test_chunk_sizes_follow_what_a_chunk_costs(cost, expected):
+    from inferq.jobdriver import ChunkSizer
+
+    sizer = ChunkSizer(64)
+    for _ in range(40):
+        size = sizer.size
+        sizer.answered(size, cost(size))
+    assert sizer.size == expected
+
+
+def test_a_chunk_size_found_slow_in_a_busy_moment_is_tried_again_later():
+    from inferq.jobdriver import SIZER_RETRY, ChunkSizer
+
+    sizer = ChunkSizer(64)
+    for _ in range(10):
+        sizer.answered(sizer.size, 0.00001 * sizer.size)
+    assert sizer.size == 64
+    sizer.answered(64, 0.5)  # the machine stalled once
+    assert sizer.size == 32
+    for _ in range(SIZER_RETRY + 1):
+        sizer.answered(sizer.size, 0.00001 * sizer.size)
+    assert sizer.size == 64

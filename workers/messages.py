@@ -87,12 +87,13 @@ def encode_job_chunk(task_id: str, samples: list[Any], *, queue: str, job: str, 
 
 
 def job_answer(first: int, outcomes: list[dict[str, Any]],
-               indexes: list[int] | None = None) -> str:
+               indexes: list[int] | None = None, took: float | None = None) -> str:
     """A job chunk's answer as stored in the job's results hash: ``{"lines": ..., "failed":
-    [[index, error], ...]}``, where ``lines`` is the chunk's output text, ready to append: one
-    JSON line per sample, ``{"index": i, "result": ...}`` or ``{"index": i, "error": ...}``
-    (a sample's outcome is ``{"result": ...}`` or ``{"error": ...}``; its index is ``first``
-    plus its position, or taken from ``indexes``)."""
+    [[index, error], ...], "took": seconds}``, where ``lines`` is the chunk's output text,
+    ready to append: one JSON line per sample, ``{"index": i, "result": ...}`` or ``{"index":
+    i, "error": ...}`` (a sample's outcome is ``{"result": ...}`` or ``{"error": ...}``; its
+    index is ``first`` plus its position, or taken from ``indexes``), and ``took`` how long
+    the replica predicted (the driver sizes the next chunks by it)."""
     lines = []
     failed = []
     for offset, outcome in enumerate(outcomes):
@@ -103,8 +104,8 @@ def job_answer(first: int, outcomes: list[dict[str, Any]],
         else:
             line = {"index": index, "result": outcome["result"]}
         lines.append(json.dumps(line, separators=(",", ":")))
-    return json.dumps({"lines": "\n".join(lines) + "\n" if lines else "", "failed": failed},
-                      separators=(",", ":"))
+    return json.dumps({"lines": "\n".join(lines) + "\n" if lines else "", "failed": failed,
+                       "took": took}, separators=(",", ":"))
 
 
 def _envelope(task_id: str, args: list, kwargs: dict, *, queue: str, reply_to: str,

@@ -178,7 +178,9 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
             if request.async_state is not None:
                 _serve_async(channel, request)
             elif request.job is not None:
-                _answer_job(channel, request, _outcomes(request))
+                began = time.perf_counter()
+                outcomes = _outcomes(request)
+                _answer_job(channel, request, outcomes, time.perf_counter() - began)
             elif request.replies is not None:
                 _answer_each(channel, request)
             elif request.batch:
@@ -268,10 +270,12 @@ def _serve_async(channel: Any, request: TaskMessage) -> None:
     channel.send_with_ack("EXPIRE", key, max(1, retention))
 
 
-def _answer_job(channel: Any, request: TaskMessage, outcomes: list[dict[str, Any]]) -> None:
-    """A batch job's chunk: its answer into the job's results, and a word to its driver."""
+def _answer_job(channel: Any, request: TaskMessage, outcomes: list[dict[str, Any]],
+                took: float | None = None) -> None:
+    """A batch job's chunk: its answer into the job's results (with how long it took to
+    predict), and a word to its driver."""
     job, chunk, first, indexes = request.job
-    answer = job_answer(first, outcomes, indexes)
+    answer = job_answer(first, outcomes, indexes, took)
     for command in Registry.job_answer_commands(job, chunk, answer):
         channel.send_with_ack(*command)
 
