@@ -356,7 +356,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--resume", metavar="JOB_ID",
                         help="go on with a stopped or failed job from its checkpoint")
     submit.add_argument("--batch-size", type=int, default=64,
-                        help="samples per message (default 64)")
+                        help="samples per message at most (default 64; fewer for a model "
+                        "slow per sample)")
     submit.add_argument("--window", type=int, default=512,
                         help="samples in flight at most (default 512)")
     submit.set_defaults(handler=cmd_batch_submit)

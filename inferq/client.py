@@ -402,8 +402,9 @@ class Client:
         prefix of them. ``output`` (default beside the input, ``<input>.predictions.jsonl``):
         a local path or ``s3://`` object that gets one line per sample in input order,
         ``{"index": i, "result": ...}`` or ``{"index": i, "error": ...}``; failed samples also
-        go to ``<output>.failed.jsonl`` with the sample. Samples travel ``batch_size`` to a
-        message, at most ``window`` at a time. The job runs on the stack (any host's scaler
+        go to ``<output>.failed.jsonl`` with the sample. Samples travel up to ``batch_size`` to
+        a message (fewer for a model slow per sample, so live requests never wait long behind
+        a job's message), at most ``window`` at a time. The job runs on the stack (any host's scaler
         drives it), not in this process: it goes on when this process ends. Raises
         :class:`UnknownAPI`, or :class:`JobError` for an input or output it cannot use.
         """

@@ -1,8 +1,8 @@
 """The driver of one batch job: ``python -m inferq.jobdriver JOB_ID TOKEN``.
 
 A scaler starts it (:mod:`inferq.scaler.jobs`) once it holds the job's lease (``TOKEN``). The
-driver reads the input from the job's checkpoint in chunks (``batch_size`` samples each) and
-sends each chunk as one batch message on the API's queue, where the API's replicas predict it
+driver reads the input from the job's checkpoint in chunks (up to ``batch_size`` samples,
+sized by :class:`ChunkSizer`) and sends each chunk as one batch message on the API's queue, where the API's replicas predict it
 like any other and store its answer in the job's results in Redis, with their
 acknowledgement. The driver writes the answers to the output in input order, failed samples
 also to the dead letter, and records a checkpoint (samples written, where the input goes on,
@@ -12,7 +12,7 @@ What it holds stays bounded whatever the input's size: at most ``window`` sample
 and not yet written. It never floods the queue ahead of live traffic either: a chunk is
 queued only while the API's queue holds fewer messages than half the API's replicas (at least
 one), so a synchronous request finds about half a chunk per replica ahead of it, whatever the
-job's size; and the driver runs at a lower CPU priority (nice 10), so on a busy host the
+job's size; a chunk takes about as long to predict as a single sample; and the driver runs at a lower CPU priority (nice 10), so on a busy host the
 gateway and the replicas answering live requests get the CPU first.
 
 Nothing is predicted twice: which chunks were queued is recorded with the queueing itself
