@@ -18,10 +18,13 @@ import pytest
 import requests
 from conftest import inferq_command, write_project
 from s3server import S3_PART_MIN_BYTES
+from services import Scalers
 
 from inferq import Client, JobError, UnknownAPI
 from inferq.deploy import deploy
 from inferq.processes import pid_alive, wait_until
+from inferq.registry import Registry
+from inferq.stack import EmbeddedRedis
 
 # Each prediction appends its sample's id to PREDICTED (O_APPEND: whole lines, from any
 # number of replicas). "fail": raise; "slow": sleep that long first.
@@ -237,6 +240,43 @@ def test_a_job_goes_on_on_another_host_when_its_host_is_lost(registry, scalers, 
     assert sum(count - 1 for count in counts.values()) <= 8, counts.most_common(10)
     body = s3.get_object(Bucket="data", Key="out.jsonl")["Body"].read().decode()
     assert [json.loads(line)["index"] for line in body.splitlines()] == list(range(3000))
+
+
+def test_a_job_goes_on_after_the_broker_restarts(tmp_path):
+    """The broker (persisted, as `inferq up`'s) stops mid-job and comes back on its port: the
+    driver that lost it exits, its scaler starts another once the broker answers, and the
+    job ends with every sample written once, in order."""
+    broker = EmbeddedRedis(tmp_path / "broker", persist=True)
+    broker.start()
+    registry = Registry(broker.url, socket_timeout=5)
+    pool = Scalers(broker.url, registry, tmp_path / "broker-scaler-logs")
+    try:
+        predicted = deploy_scorer(registry, tmp_path, replicas=2, slow=0.002)
+        pool.start()
+        source = tmp_path / "in.jsonl"
+        write_samples(source, 3000)
+        with Client(broker.url) as client:
+            job = client.batch("scorer", source, tmp_path / "out.jsonl", batch_size=8,
+                               window=64)
+            wait_until(lambda: job.status()["done"] >= 300, 60, what="the job under way")
+        broker.stop()
+        broker = EmbeddedRedis(tmp_path / "broker", port=broker.port, persist=True)
+        broker.start()
+        with Client(broker.url) as client:
+            state = wait_until(lambda: (s := client.job(job.id).status())["status"] in (
+                "succeeded", "failed") and s, 120, what="the job ended after the restart")
+        assert (state["status"], state["done"]) == ("succeeded", 3000), state
+        lines = read_lines(tmp_path / "out.jsonl")
+        assert [line["index"] for line in lines] == list(range(3000))
+        counts = predicted_counts(predicted)
+        assert set(counts) == set(range(3000))
+        # A replica whose acknowledgement the broker never got predicts its chunk again;
+        # the job sends nothing twice.
+        assert sum(count - 1 for count in counts.values()) <= 2 * 8, counts.most_common(5)
+    finally:
+        pool.stop_all()
+        registry.close()
+        broker.stop()
 
 
 def test_an_s3_output_goes_on_with_its_multipart_upload_after_the_driver_dies(
