@@ -219,9 +219,10 @@ class Driver:
                 lines, failed = _merge_bad(chunk, lines, failed)
             part_uploaded |= self.output.write(lines)
             if failed:
-                samples = dict(zip(chunk.indexes, chunk.samples))
+                samples = dict(zip(chunk.indexes, chunk.samples))  # JSON texts
                 dead = [_json_line({"index": i, "sample": chunk.bad[i][0] if i in chunk.bad
-                                    else samples[i], "error": error}) for i, error in failed]
+                                    else json.loads(samples[i]), "error": error})
+                        for i, error in failed]
                 self.dead.write("".join(dead))
             self.in_flight -= chunk.size
             self.pending_failed += len(failed)

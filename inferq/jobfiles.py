@@ -16,7 +16,9 @@ job goes on with the same upload. boto3's own configuration reaches S3 (credenti
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +55,15 @@ class Chunk:
     """Consecutive samples of the input, sent as one message.
 
     ``first`` is the index of its first sample in the whole input, ``size`` how many it
-    holds, ``samples`` those of them that are JSON (all, unless ``bad`` maps the index of a
-    line that is not to its text and error) and ``after`` where the next chunk starts.
+    holds, ``samples`` the JSON text of those that are JSON (all, unless ``bad`` maps the
+    index of a line that is not to its text and error; checked, and sent as they are) and
+    ``after`` where the next chunk starts.
     """
 
     number: int
     first: int
     size: int
-    samples: list[Any]
+    samples: list[str]
     bad: dict[int, tuple[str, str]]
     after: Position
 
@@ -88,7 +91,7 @@ class Source:
         ``first``; chunk ``n`` ends after ``size_of(n)`` samples (asked when it begins) or
         ``max_bytes`` of lines (at least one sample). The same position and sizes give the
         same chunks, which is what lets a resumed job recognise the chunks it sent before."""
-        samples: list[Any] = []
+        samples: list[str] = []
         bad: dict[int, tuple[str, str]] = {}
         size = held = 0
         after = position
@@ -97,8 +100,10 @@ class Source:
             if not line.strip():
                 continue
             try:
-                samples.append(json.loads(line, parse_constant=_no_constant))
-            except ValueError as exc:
+                text = line.decode()
+                _check_json(text)
+                samples.append(text)
+            except ValueError as exc:  # UnicodeDecodeError too
                 text = line.decode("utf-8", errors="replace")
                 bad[first + size] = (text, f"{after.part}: the line is not JSON ({exc}): "
                                            f"{_short(text)}")
@@ -465,6 +470,26 @@ def _describe(exc: botocore.exceptions.ClientError, bucket: str, *, missing: str
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _no_infinity(text: str) -> float:
+    number = float(text)
+    if number in (math.inf, -math.inf):
+        raise ValueError(f"{text} is too large for a number JSON carries")
+    return number
+
+
+# One decoder for every line (json.loads with an option would build one per call); a number
+# that may overflow to infinity (a 3-digit exponent, or 300 digits) is looked at closely.
+_check_plain = json.JSONDecoder(parse_constant=_no_constant).decode
+_check_numbers = json.JSONDecoder(parse_constant=_no_constant, parse_float=_no_infinity).decode
+_MAYBE_HUGE = re.compile(r"[eE][+-]?\d{3}|\d{300}")
+
+
+def _check_json(text: str) -> None:
+    """ValueError unless ``text`` is one JSON value that JSON can carry again (no NaN, no
+    Infinity, no number that overflows to one)."""
+    (_check_numbers if _MAYBE_HUGE.search(text) else _check_plain)(text)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -34,11 +34,11 @@ def test_a_folder_is_read_in_name_order_in_chunks_with_blank_and_bad_lines(tmp_p
 
     read = chunks(source)
     assert [(c.number, c.first, c.size) for c in read] == [(0, 0, 3), (1, 3, 3)]
-    assert read[0].samples == [{"n": 0}, {"n": 1}]
+    assert read[0].samples == ['{"n": 0}', '{"n": 1}']  # checked, kept as the text to send
     assert read[0].indexes == [0, 1]
     text, error = read[0].bad[2]
     assert text == "[not json" and "a.jsonl: the line is not JSON" in error
-    assert read[1].samples == [{"n": 3}, {"n": 4}, {"n": 5}]
+    assert [json.loads(sample) for sample in read[1].samples] == [{"n": 3}, {"n": 4}, {"n": 5}]
     assert source.count() == 6
 
 
@@ -66,11 +66,14 @@ def test_a_chunk_also_ends_at_its_byte_limit(tmp_path):
         [3, 3, 3, 1]
 
 
-def test_nan_is_no_json(tmp_path):
+def test_nan_infinity_and_bad_utf8_are_no_json(tmp_path):
     path = tmp_path / "in.jsonl"
-    path.write_text('{"x": NaN}\n')
-    [chunk] = chunks(open_source(str(path)))
-    assert chunk.samples == [] and "NaN is not JSON" in chunk.bad[0][1]
+    path.write_bytes(b'{"x": NaN}\n{"x": 1e400}\n{"x": "\xff"}\n{"x": 1} trailing\n')
+    [chunk] = chunks(open_source(str(path)), batch_size=4)
+    assert chunk.samples == []
+    assert "NaN is not JSON" in chunk.bad[0][1]
+    assert "1e400 is too large" in chunk.bad[1][1]
+    assert "utf-8" in chunk.bad[2][1] and "Extra data" in chunk.bad[3][1]
 
 
 def test_a_local_output_resumes_cut_back_to_its_checkpoint(tmp_path):

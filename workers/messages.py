@@ -74,16 +74,19 @@ def encode_batch(task_id: str, samples: list[Any], replies: list[tuple[str, str,
                      expires_at=max(r[2] for r in replies), extra=len(samples) - 1)
 
 
-def encode_job_chunk(task_id: str, samples: list[Any], *, queue: str, job: str, chunk: int,
+def encode_job_chunk(task_id: str, samples: list[str], *, queue: str, job: str, chunk: int,
                      first: int, expires_at: float, indexes: list[int] | None = None) -> str:
     """The message for chunk number ``chunk`` of batch job ``job`` (samples ``first``
     onwards, or at ``indexes`` where some lines of the input were no samples), answered into
-    the job's results; void after ``expires_at``."""
+    the job's results; void after ``expires_at``. ``samples`` are JSON texts, checked already
+    (an input's lines): they are spliced into the body as they are, not decoded and encoded
+    again."""
     kwargs = {"batch": True, "debug": False, "job": job, "chunk": chunk, "first": first}
     if indexes is not None:
         kwargs["indexes"] = indexes
-    return _envelope(task_id, [samples], kwargs, queue=queue, reply_to="",
-                     expires_at=expires_at, extra=len(samples) - 1)
+    body = f'[[[{",".join(samples)}]],{_compact(kwargs)},{_compact(_EMBED)}]'
+    return _envelope(task_id, [], {}, queue=queue, reply_to="", expires_at=expires_at,
+                     extra=len(samples) - 1, body=body)
 
 
 def job_answer(first: int, outcomes: list[dict[str, Any]],
@@ -109,9 +112,10 @@ def job_answer(first: int, outcomes: list[dict[str, Any]],
 
 
 def _envelope(task_id: str, args: list, kwargs: dict, *, queue: str, reply_to: str,
-              expires_at: float, extra: int) -> str:
-    # kombu's encoder, as send_task's: dates, decimals and UUIDs travel as they would there.
-    body = kombu_dumps([args, kwargs, _EMBED], separators=(",", ":"), allow_nan=False)
+              expires_at: float, extra: int, body: str | None = None) -> str:
+    if body is None:
+        # kombu's encoder, as send_task's: dates, decimals and UUIDs travel as they would there.
+        body = kombu_dumps([args, kwargs, _EMBED], separators=(",", ":"), allow_nan=False)
     expires = datetime.fromtimestamp(expires_at, UTC).isoformat()
     return json.dumps({
         "body": body,
@@ -132,6 +136,10 @@ def _envelope(task_id: str, args: list, kwargs: dict, *, queue: str, reply_to: s
             "delivery_tag": task_id,
         },
     }, separators=(",", ":"))
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def extra_samples(message: dict[str, Any]) -> int:
