@@ -33,14 +33,15 @@ Keys (all under ``inferq:``):
 ``plan``                       JSON: per API, replicas per host, and what cannot be placed
 ``changes``                    counter bumped by every deploy and delete (cheap change check)
 ``lock:deploy``                lock serialising deploys and deletes
-``jobs``                      sorted set: batch job ids by submission time
-``jobs:active``               set: the jobs that want a driver (queued or running)
-``job:<id>``                  hash: a batch job's spec, status, counts and checkpoint
-                              (see inferq.jobs)
-``job:<id>:chunks``           hash: chunk number -> when it was queued (sent, not yet written)
-``job:<id>:results``          hash: chunk number -> its answer (written by the replica)
-``job:<id>:done``             list: chunk numbers answered, to wake the job's driver
-``job:<id>:driver``           the driver's lease (host, pid, token), renewed while it runs
+``jobs``                       sorted set: batch job ids by submission time
+``jobs:active``                set: the jobs that want a driver (queued or running)
+``job:<id>``                   hash: a batch job's spec, status, counts and checkpoint
+                               (see inferq.jobs)
+``job:<id>:chunks``            hash: chunk number -> when it was queued and its size (queued,
+                               not yet written)
+``job:<id>:results``           hash: chunk number -> its answer (written by the replica)
+``job:<id>:done``              list: chunk numbers answered, to wake the job's driver
+``job:<id>:driver``            the driver's lease (its token), renewed while it runs
 =============================  ==============================================================
 """
 

@@ -19,9 +19,10 @@ waiter (a sample past its deadline is skipped). The header ``inferq_extra`` (sam
 one) keeps the queue's sample count that the scaler and admission read.
 
 A batch job's chunk (``inferq.jobdriver``) is a batch message whose answers go to the job,
-not to waiters: ``kwargs`` add ``"job"`` (the job's id), ``"chunk"`` (its number) and
-``"first"`` (the index of its first sample in the job's input). The replica stores the chunk's
-answer in the job's results hash (:func:`job_answer`) with its acknowledgement, so it outlives the job's driver.
+not to waiters: ``kwargs`` add ``"job"`` (the job's id), ``"chunk"`` (its number), ``"first"``
+(the index of its first sample in the job's input) and, where some input lines were no JSON,
+``"indexes"``. The replica stores the chunk's answer in the job's results hash
+(:func:`job_answer`) with its acknowledgement, so it outlives the job's driver.
 
 The body is the JSON text ``[args, kwargs, embed]`` (Celery base64-encodes it; kombu accepts
 either).
@@ -160,8 +161,8 @@ class Task:
     replies: list[tuple[str, str, float]] | None  # per sample, for inferq's batch senders
     extra: int  # samples beyond one that the queue's count holds for this message
     async_state: str | None  # an async request's state hash
-    job: tuple[str, int, int, list[int] | None] | None  # a job chunk's (job id, chunk, first
-    # index, indexes)
+    # a job chunk's (job id, chunk number, index of its first sample, indexes or None)
+    job: tuple[str, int, int, list[int] | None] | None
 
     @classmethod
     def from_message(cls, message: Any) -> Task:
