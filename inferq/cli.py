@@ -110,9 +110,9 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def _running_jobs(registry) -> list[dict]:
-    from inferq.jobs import ENDED, Jobs
+    from inferq.jobs import Jobs
 
-    return [j.to_dict() for j in Jobs(registry).list() if j.status not in ENDED]
+    return [j.to_dict() for j in Jobs(registry).active()]
 
 
 def cmd_batch_submit(args: argparse.Namespace) -> int:

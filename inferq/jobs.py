@@ -159,7 +159,14 @@ class Jobs:
 
     def list(self, limit: int = LISTED) -> list[JobRecord]:
         """The newest ``limit`` jobs, newest first."""
-        ids = [i.decode() for i in self.redis.zrevrange(Registry.jobs_key(), 0, limit - 1)]
+        return self._records(
+            [i.decode() for i in self.redis.zrevrange(Registry.jobs_key(), 0, limit - 1)])
+
+    def active(self) -> list[JobRecord]:
+        """The queued and running jobs, however old, oldest first."""
+        return sorted(self._records(self.wanting_driver()), key=lambda j: j.created_at)
+
+    def _records(self, ids: list[str]) -> list[JobRecord]:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(Registry.job_key(job_id))
