@@ -2,18 +2,20 @@
 
 A scaler starts it (:mod:`inferq.scaler.jobs`) once it holds the job's lease (``TOKEN``). The
 driver reads the input from the job's checkpoint in chunks (up to ``batch_size`` samples,
-sized by :class:`ChunkSizer`) and sends each chunk as one batch message on the API's queue, where the API's replicas predict it
-like any other and store its answer in the job's results in Redis, with their
-acknowledgement. The driver writes the answers to the output in input order, failed samples
-also to the dead letter, and records a checkpoint (samples written, where the input goes on,
-the output's state) every half second, and whenever an S3 output uploads a part.
+sized by :class:`ChunkSizer`) and sends each chunk as one batch message on the API's queue,
+where the API's replicas predict it like any other and store its answer in the job's results
+in Redis, with their acknowledgement. The driver writes the answers to the output in input
+order, failed samples also to the dead letter, and records a checkpoint (samples written,
+where the input goes on, the output's state) every half second, and whenever an S3 output
+uploads a part.
 
 What it holds stays bounded whatever the input's size: at most ``window`` samples are read
 and not yet written. It never floods the queue ahead of live traffic either: a chunk is
 queued only while the API's queue holds fewer messages than half the API's replicas (at least
 one), so a synchronous request finds about half a chunk per replica ahead of it, whatever the
-job's size; a chunk takes about as long to predict as a single sample; and the driver runs at a lower CPU priority (nice 10), so on a busy host the
-gateway and the replicas answering live requests get the CPU first.
+job's size; a chunk takes about as long to predict as a single sample; and the driver runs
+at a lower CPU priority (nice 10), so on a busy host the gateway and the replicas answering
+live requests get the CPU first.
 
 Nothing is predicted twice: which chunks were queued is recorded with the queueing itself
 (one script), so a driver that goes on after another one died waits for those chunks'
@@ -25,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sys
 import time
 import uuid
@@ -37,7 +38,7 @@ import redis
 
 from inferq.errors import JobError
 from inferq.jobfiles import Chunk, LocalSource, Position, open_sink, open_source
-from inferq.jobs import FAILED, STOPPED, SUCCEEDED, WITH_FAILURES, Jobs, JobRecord
+from inferq.jobs import FAILED, STOPPED, SUCCEEDED, WITH_FAILURES, Jobs, JobRecord, this_machine
 from inferq.registry import Registry
 from inferq.workers import messages
 from inferq.workers.messages import queue_name
@@ -84,7 +85,7 @@ class Driver:
     def run(self) -> str:
         """Drive the job; return the status it ended with ("" when the lease was lost)."""
         record = self.jobs.require(self.job_id)
-        self.jobs.start_run(self.job_id, f"{socket.gethostname()}:{os.getpid()}")
+        self.jobs.start_run(self.job_id, f"{this_machine()}:{os.getpid()}")
         try:
             return self._drive(record)
         except LeaseLost:
@@ -346,7 +347,7 @@ def _merge_bad(chunk: Chunk, lines: str, failed: list[tuple[int, str]]
 
 
 def _json_line(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":")) + "\n"
+    return messages.compact(value) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,12 +27,13 @@ from typing import Any
 import botocore.exceptions
 
 from inferq.errors import JobError
-from inferq.workers.models import s3_client
+from inferq.workers.models import s3_client, s3_problem
 
 READ_BYTES = 1 << 20  # read this much of an input at a time
 # An S3 output uploads a part each time this much is written (S3 takes parts of 5 MiB or more).
 PART_BYTES = int(os.environ.get("INFERQ_JOB_PART_BYTES", 8 << 20))
 S3_ATTEMPTS = 5  # boto3's tries per S3 call; a broken read stream is reopened where it broke
+_DENIED = "check the AWS credentials boto3 finds"
 
 
 @dataclass(frozen=True)
@@ -456,16 +457,9 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _describe(exc: botocore.exceptions.ClientError, bucket: str, *, missing: str = "key") -> str:
-    """What went wrong, for a message; ``missing``: what a bare 404 means (HEAD has no body)."""
-    code = _code(exc)
-    if code == "NoSuchBucket" or (code in ("404", "NotFound") and missing == "bucket"):
-        return f'bucket "{bucket}" does not exist'
-    if code in ("NoSuchKey", "404", "NotFound"):
-        return "no such key"
-    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return "access denied (check the AWS credentials boto3 finds)"
-    return f"{code}: {exc.response.get('Error', {}).get('Message') or exc}"
+def _describe(exc: botocore.exceptions.ClientError, bucket: str, *,
+              missing: str = "key") -> str:
+    return s3_problem(exc, bucket, missing=missing, denied=_DENIED)
 
 
 def _no_constant(name: str) -> Any:

@@ -208,10 +208,6 @@ class Jobs:
     def release(self, job_id: str, token: str) -> None:
         self._release(keys=[Registry.job_key(job_id, "driver")], args=[token])
 
-    def lease_holder(self, job_id: str) -> str | None:
-        holder = self.redis.get(Registry.job_key(job_id, "driver"))
-        return holder.decode() if holder else None
-
     def start_run(self, job_id: str, driver: str) -> None:
         record = self.require(job_id)
         now = time.time()
@@ -242,15 +238,8 @@ class Jobs:
     def wait_answered(self, job_id: str, timeout: float) -> list[int]:
         """Wait up to ``timeout`` for replicas to answer some of the job's chunks; their
         numbers (those answered since the last call)."""
-        key = Registry.job_key(job_id, "done")
-        first = self.redis.blpop([key], timeout=max(timeout, 0.01))
-        if first is None:
-            return []
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.lrange(key, 0, -1)
-        pipe.delete(key)
-        rest, _ = pipe.execute()
-        return [int(first[1]), *(int(n) for n in rest)]
+        return [int(n) for n in self.registry.pop_all(Registry.job_key(job_id, "done"),
+                                                      timeout)]
 
     def send(self, job_id: str, token: str, *, api: str, message: str, chunk: int, size: int,
              extra: int, changes: int) -> str:

@@ -716,19 +716,22 @@ class Registry:
 
     def pop_replies(self, reply_to: str, timeout: float) -> list[dict[str, Any]]:
         """Wait up to ``timeout`` seconds for replies; return every reply available."""
-        first = self.redis.blpop([reply_to], timeout=_blocking(timeout))
+        return [json.loads(r) for r in self.pop_all(reply_to, timeout)]
+
+    def pop_all(self, key: str, timeout: float) -> list[bytes]:
+        """Wait up to ``timeout`` seconds for the list ``key`` to hold something; take and
+        return all it holds."""
+        first = self.redis.blpop([key], timeout=_blocking(timeout))
         if first is None:
             return []
-        replies = [json.loads(first[1])]
         pipe = self._pipeline(transaction=True)
-        pipe.lrange(reply_to, 0, -1)
-        pipe.delete(reply_to)
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key)
         try:
             rest, _ = pipe.execute()
         except redis.RedisError:
-            return replies  # the popped one must not be lost; the rest wait for the next call
-        replies.extend(json.loads(r) for r in rest)
-        return replies
+            return [first[1]]  # the popped one must not be lost; the rest wait for the next call
+        return [first[1], *rest]
 
 
 _LEAD_SCRIPT = """

@@ -85,7 +85,7 @@ def encode_job_chunk(task_id: str, samples: list[str], *, queue: str, job: str, 
     kwargs = {"batch": True, "debug": False, "job": job, "chunk": chunk, "first": first}
     if indexes is not None:
         kwargs["indexes"] = indexes
-    body = f'[[[{",".join(samples)}]],{_compact(kwargs)},{_compact(_EMBED)}]'
+    body = f'[[[{",".join(samples)}]],{compact(kwargs)},{compact(_EMBED)}]'
     return _envelope(task_id, [], {}, queue=queue, reply_to="", expires_at=expires_at,
                      extra=len(samples) - 1, body=body)
 
@@ -107,9 +107,9 @@ def job_answer(first: int, outcomes: list[dict[str, Any]],
             line = {"index": index, "error": outcome["error"]}
         else:
             line = {"index": index, "result": outcome["result"]}
-        lines.append(json.dumps(line, separators=(",", ":")))
-    return json.dumps({"lines": "\n".join(lines) + "\n" if lines else "", "failed": failed,
-                       "took": took}, separators=(",", ":"))
+        lines.append(compact(line))
+    return compact({"lines": "\n".join(lines) + "\n" if lines else "", "failed": failed,
+                    "took": took})
 
 
 def _envelope(task_id: str, args: list, kwargs: dict, *, queue: str, reply_to: str,
@@ -139,7 +139,8 @@ def _envelope(task_id: str, args: list, kwargs: dict, *, queue: str, reply_to: s
     }, separators=(",", ":"))
 
 
-def _compact(value: Any) -> str:
+def compact(value: Any) -> str:
+    """``value`` as JSON without spaces (answers and job output lines)."""
     return json.dumps(value, separators=(",", ":"))
 
 

@@ -203,17 +203,11 @@ class _S3Model:
             raise
 
     def _client_error(self, exc: botocore.exceptions.ClientError, key: str | None = None):
-        code = exc.response.get("Error", {}).get("Code", "")
+        problem = s3_problem(exc, self.bucket, denied=_DENIED)
+        if problem.startswith("bucket"):
+            return self._error(problem)
         where = f"key {key}: " if key and key != self.key else ""
-        if code == "NoSuchBucket":
-            return self._error(f'bucket "{self.bucket}" does not exist')
-        if code in ("NoSuchKey", "404"):
-            return self._error(f"{where}no such key")
-        if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId",
-                    "SignatureDoesNotMatch", "ExpiredToken"):
-            return self._error(f"{where}access denied ({_DENIED})")
-        message = exc.response.get("Error", {}).get("Message") or str(exc)
-        return self._error(f"{where}{code}: {message}")
+        return self._error(f"{where}{problem}")
 
     def _error(self, message: str) -> ModelDownloadError:
         return ModelDownloadError(f'api "{self.api}": model {self.url}: {message}')
@@ -230,6 +224,23 @@ def s3_client(attempts: int = 1) -> Any:
     if session.get_credentials() is None:
         config = config.merge(Config(signature_version=botocore.UNSIGNED))
     return session.client("s3", config=config)
+
+
+def s3_problem(exc: botocore.exceptions.ClientError, bucket: str, *, denied: str,
+               missing: str = "key") -> str:
+    """What an S3 error means, for a message: the bucket or key is missing, access is denied
+    (``denied`` says what to check), or S3's own code and message. ``missing``: what a bare
+    404 means (a HEAD answer has no body to say)."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    if code == "NoSuchBucket" or (code in ("404", "NotFound") and missing == "bucket"):
+        return f'bucket "{bucket}" does not exist'
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return "no such key"
+    if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId",
+                "SignatureDoesNotMatch", "ExpiredToken"):
+        return f"access denied ({denied})"
+    message = exc.response.get("Error", {}).get("Message") or str(exc)
+    return f"{code}: {message}"
 
 
 def _status(exc: botocore.exceptions.ClientError) -> int:

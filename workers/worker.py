@@ -12,7 +12,6 @@ watches this one and puts back what it held when it dies is its supervisor
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import threading
@@ -29,7 +28,7 @@ from celery.worker.consumer import Consumer, control
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.registry import REPLY_TTL_SECONDS, Registry
 from inferq.workers.app import make_app
-from inferq.workers.messages import TASK_NAME, job_answer
+from inferq.workers.messages import TASK_NAME, compact, job_answer
 from inferq.workers.messages import Task as TaskMessage
 from inferq.workers.messages import queue_name
 from inferq.workers.replica import Replica, bootstrap
@@ -247,7 +246,7 @@ def _answer(channel: Any, backend: Any, request: TaskMessage, reply: Any) -> Non
     if request.reply_to and Registry.is_reply_key(request.reply_to):
         body = {"id": request.id, "replica": _replica.id, "at": time.time()}
         body.update(reply if isinstance(reply, dict) else {"result": reply})
-        channel.send_with_ack("RPUSH", request.reply_to, _json(body))
+        channel.send_with_ack("RPUSH", request.reply_to, compact(body))
         channel.send_with_ack("EXPIRE", request.reply_to, REPLY_TTL_SECONDS)
     elif isinstance(reply, dict) and "error" in reply:
         backend.store_result(request.id, PredictionError(reply["error"], api=_replica.api.name),
@@ -263,7 +262,7 @@ def _serve_async(channel: Any, request: TaskMessage) -> None:
     key, retention = request.async_state, int(_replica.api.compute.async_retention)
     channel.commands.hset(key, "status", "in_progress")
     reply = _predict_one(request)
-    done = ({"status": "completed", "result": _json(reply["result"])} if "error" not in reply
+    done = ({"status": "completed", "result": compact(reply["result"])} if "error" not in reply
             else {"status": "failed", "error": reply["error"]})
     fields = [item for pair in done.items() for item in pair]
     channel.send_with_ack("HSET", key, *fields, "done_at", time.time())
@@ -298,13 +297,9 @@ def _answer_each(channel: Any, request: TaskMessage,
     for reply_to, answers in by_list.items():
         # One entry per waiter's list (Client.map: one for the whole batch), not per sample.
         reply = answers[0] if len(answers) == 1 else {"answers": answers}
-        channel.send_with_ack("RPUSH", reply_to, _json({**reply, "replica": _replica.id,
+        channel.send_with_ack("RPUSH", reply_to, compact({**reply, "replica": _replica.id,
                                                         "at": now}))
         channel.send_with_ack("EXPIRE", reply_to, REPLY_TTL_SECONDS)
-
-
-def _json(reply: dict[str, Any]) -> str:
-    return json.dumps(reply, separators=(",", ":"))
 
 
 def _quiet_celery(**_: Any) -> None:
