@@ -289,7 +289,7 @@ def measure_map(workdir: Path, case: Case, samples: list, batch: int, rounds: in
             def one_pass(size: int, into: Measured) -> None:
                 got, took, cpu = meter.measure(lambda: list(
                     client.map(case.api, samples, batch_size=size)))
-                row.wrong += sum(a != b for a, b in zip(got, answers)) + abs(
+                row.wrong += sum(a != b for a, b in zip(got, answers, strict=False)) + abs(
                     len(got) - len(answers))
                 into.add(len(samples), took, cpu)
 

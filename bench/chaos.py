@@ -188,7 +188,7 @@ class Load(threading.Thread):
             self.run_result = load(served.port, served.path, None, None, clients=clients,
                                    seconds=seconds, warmup=clients, samples=recorder.sample,
                                    observe=recorder.observe, timeout=REQUEST_TIMEOUT)
-        except BaseException as exc:  # noqa: BLE001  (re-raised by result())
+        except BaseException as exc:
             self.error = exc
 
     def result(self) -> Run:
@@ -362,21 +362,21 @@ def descends_from(pid: int, ancestor: int) -> bool:
 
 def kill_one(registry: Registry, stack_pid: int, rng: random.Random) -> Kill | None:
     """SIGKILL the supervisor or the serving process of a live replica, at random."""
-    live = [r for r in registry.replicas(API)
-            if r.get("status") == "live" and r.get("pid") and r.get("replica_pid")]
+    live = [r for r in registry.replicas.of(API)
+            if r.status == "live" and r.pid and r.replica_pid]
     rng.shuffle(live)
     for record in live:
         role = rng.choice(("supervisor", "serving process"))
-        pid = record["replica_pid"] if role == "supervisor" else record["pid"]
+        pid = record.replica_pid if role == "supervisor" else record.pid
         if not descends_from(pid, stack_pid):
             continue  # gone already, or a stale record
-        held = registry.in_flight(API, [record["id"]]).get(record["id"], [])
+        held = registry.queues.in_flight(API, [record.id]).get(record.id, [])
         at = time.perf_counter()
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
-        return Kill(at, role, record["id"], pid, record["pid"], held)
+        return Kill(at, role, record.id, pid, record.pid, held)
     return None
 
 

@@ -107,8 +107,8 @@ class Bench:
         def live() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(f"the replica exited:\n{self._log(process)}")
-            return any(r["id"].endswith(f"-{process.pid}") and r["status"] == "live"
-                       for r in self.registry.replicas("trivial"))
+            return any(r.id.endswith(f"-{process.pid}") and r.status == "live"
+                       for r in self.registry.replicas.of("trivial"))
 
         wait_until(live, 60, what="the replica live")
 

@@ -24,9 +24,9 @@ CUDA. Every served answer is compared with the in-process answer of the same pat
 deploys the API with ``compute: gpu: 1`` (the scaler must see a GPU through NVML), ``cpu``
 with ``gpu: 0``. Each measurement passes over ``--samples`` distinct samples (whole batches)
 until ``--min-seconds`` have passed, and stops at ``--seconds`` even within a pass, so the
-run's length is bounded. Everything runs on 127.0.0.1 and is stopped by PID, with the processes it started,
-also on Ctrl-C, SIGTERM or an error. Exit status 1 when a prediction failed or differed from
-the in-process one; a missed target is reported, not failed.
+run's length is bounded. Everything runs on 127.0.0.1 and is stopped by PID, with the processes
+it started, also on Ctrl-C, SIGTERM or an error. Exit status 1 when a prediction failed or
+differed from the in-process one; a missed target is reported, not failed.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import load_predictor  # bench/
+from peers import Processes, _terminate, inferq_env, run_command, start_inferq  # bench/
+
 # inferq before bench/peers.py, which puts the repository's root first on sys.path: there
 # inferq/ is only the top of the package (inferq.workers, .configs, ... are gateway/, workers/,
 # configs/ mapped at install time), so only an editable install finds the rest through it.
@@ -52,9 +55,6 @@ from typing import Any
 # (a wheel on PYTHONPATH) as well as an editable one.
 from inferq import Client
 from inferq.errors import InferqError
-
-from harness import load_predictor  # bench/
-from peers import Processes, _terminate, inferq_env, run_command, start_inferq  # bench/
 
 DEPLOYMENT = "gpu-batching"
 API = "mlp"
@@ -299,7 +299,7 @@ def differing(results: dict[str, dict[str, Any]]) -> dict[str, int]:
     counts = {}
     for served, local in SAME_ANSWERS.items():
         if served in results and local in results:
-            pairs = zip(results[served]["answers"], results[local]["answers"])
+            pairs = zip(results[served]["answers"], results[local]["answers"], strict=True)
             counts[served] = sum(a != b for a, b in pairs)
     return counts
 

@@ -38,6 +38,8 @@ import psutil
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import contextlib
+
 from batching import PREDICT_BATCH, broker_url  # bench/
 from harness import load, load_predictor
 from peers import API, Processes, start_inferq, write_project
@@ -50,8 +52,10 @@ BATCH, WINDOW = 64, 512
 
 def make_samples(count: int, seed: int = 15) -> list[dict[str, float]]:
     rng = random.Random(seed)
-    return [{"sepal_length": round(rng.uniform(4, 8), 1), "sepal_width": round(rng.uniform(2, 4.5), 1),
-             "petal_length": round(rng.uniform(1, 7), 1), "petal_width": round(rng.uniform(0.1, 2.5), 1)}
+    return [{"sepal_length": round(rng.uniform(4, 8), 1),
+             "sepal_width": round(rng.uniform(2, 4.5), 1),
+             "petal_length": round(rng.uniform(1, 7), 1),
+             "petal_width": round(rng.uniform(0.1, 2.5), 1)}
             for _ in range(count)]
 
 
@@ -72,10 +76,8 @@ def run_job(client: Client, source: Path, output: Path, *, watch_driver: bool = 
         state = job.status()
         if watch_driver and state["status"] == "running":
             driver = client.jobs.require(job.id).driver
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess, ValueError, IndexError):
                 peak = max(peak, psutil.Process(int(driver.rsplit(":", 1)[1])).memory_info().rss)
-            except (psutil.NoSuchProcess, ValueError, IndexError):
-                pass
         if state["status"] in ("succeeded", "completed with failures", "failed", "stopped"):
             return state, time.perf_counter() - began, peak
         time.sleep(0.2 if watch_driver else 0.05)
@@ -197,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
           f"samples/s beside the sync requests")
     print(f"driver peak RSS       {outcome.get('peak', 0) / 2**20:10.1f} MiB")
     if args.slow_ms:
+        throughout = "the job ran throughout" if slow[2] else "THE JOB ENDED EARLY"
         print(f"\n# sync requests beside a job, a predictor at {args.slow_ms:g} ms a sample "
-              f"without predict_batch ({'the job ran throughout' if slow[2] else 'THE JOB ENDED EARLY'})\n")
+              f"without predict_batch ({throughout})\n")
         print_latency(slow[0], slow[1])
     return 0 if big_state.get("status") == "succeeded" else 1
 

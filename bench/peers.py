@@ -50,6 +50,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+import contextlib
+
 from harness import (  # bench/
     BASELINE_ENDPOINT,
     Run,
@@ -130,10 +132,8 @@ def stop_tree(process: subprocess.Popen, timeout: float = 30.0) -> None:
     stop(process, timeout=timeout)
     _, alive = psutil.wait_procs(descendants, timeout=5)
     for leftover in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             leftover.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=5)
 
 

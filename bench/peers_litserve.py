@@ -14,6 +14,7 @@ at module level in a module that imports nothing heavy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -59,11 +60,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     server = ls.LitServer(PredictorAPI(str(project / "predictor.py")), accelerator="cpu",
                           devices=1, workers_per_device=1)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.run(host="127.0.0.1", port=port, num_api_servers=1, log_level="warning",
                    generate_client_file=False)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

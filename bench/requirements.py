@@ -117,8 +117,8 @@ def time_replica_start(redis_url: str, home: Path, env_extra: dict[str, str]) ->
     process = spawn([sys.executable, "-P", "-m", "inferq", "worker", "start"], env=env,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: any(r["id"].endswith(f"-{process.pid}") and r["status"] == "live"
-                               for r in registry.replicas("start")), 600, interval=0.01,
+        wait_until(lambda: any(r.id.endswith(f"-{process.pid}") and r.status == "live"
+                               for r in registry.replicas.of("start")), 600, interval=0.01,
                    what="the replica live")
         return time.perf_counter() - started
     finally:

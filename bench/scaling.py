@@ -110,17 +110,17 @@ class Poller(threading.Thread):
         try:
             while not self.halt.is_set():
                 now = time.monotonic()
-                records = self.registry.replicas(API)
-                desired = self.registry.plan().get("desired", {}).get(API)
+                records = self.registry.replicas.of(API)
+                desired = self.registry.hosts.plan().desired.get(API)
                 with self.lock:
                     w = self.watch
-                    ids = {r["id"] for r in records}
+                    ids = {r.id for r in records}
                     for record in records:
-                        rid = record["id"]
+                        rid = record.id
                         w.appeared.setdefault(rid, now)
-                        if record["status"] == "live":
+                        if record.status == "live":
                             w.live.setdefault(rid, now)
-                        elif record["status"] == "stopping":
+                        elif record.status == "stopping":
                             w.stopping.setdefault(rid, now)
                     for rid in seen - ids:
                         w.gone.setdefault(rid, now)
@@ -200,7 +200,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def back_to_one(records: list[dict]) -> bool:
     """Exactly one replica record and it is live: nothing stopping, nothing starting."""
-    return len(records) == 1 and records[0]["status"] == "live"
+    return len(records) == 1 and records[0].status == "live"
 
 
 def report(args: argparse.Namespace, watch: Watch, burst: Burst,
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             if scaler.poll() is not None:
                 raise RuntimeError(f"the scaler exited ({scaler.returncode}):\n"
                                    + scaler_log.read_text(errors="replace")[-3000:])
-            return back_to_one(registry.replicas(API))
+            return back_to_one(registry.replicas.of(API))
 
         began = time.monotonic()
         wait_until(one_live, 90, interval=0.05, what="1 live replica")

@@ -8,6 +8,7 @@ and checks that they exist; it never imports or runs any of the project's code.
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ class _Report:
         self.problems.append(Problem(self.file, where, message))
 
 
-def load_project(project_dir: str | Path) -> Deployment:
+def load_project(project_dir: str | os.PathLike[str]) -> Deployment:
     """Load ``<project_dir>/cortex.yaml`` (or the YAML file ``project_dir`` names).
 
     Returns the :class:`Deployment` with every default filled in. Raises
@@ -78,7 +79,7 @@ def load_project(project_dir: str | Path) -> Deployment:
         raise ConfigError(report.problems)
     return Deployment(
         name=deployment,
-        apis=tuple(api for _, api, _ in apis),
+        apis=tuple(api for _, api, _ in apis if api is not None),  # all, with no problem
         project_dir=root.resolve(),
         config_file=config_file.resolve(),
     )
@@ -216,7 +217,7 @@ def _api(resource: dict, index: int, deployment: str | None, root: Path,
     compute = values.get("compute", {})
     compute = _compute(compute, label, report) if compute is not f.BAD else None
     _check_batch_interval(values.get("predictor"), compute, label, report)
-    if len(report.problems) > before or deployment is None:
+    if len(report.problems) > before or deployment is None or compute is None:
         return label, None, values
     api = Api(
         name=values["name"],

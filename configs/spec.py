@@ -101,6 +101,13 @@ class Api:
     def kind(self) -> str:
         return "predictor" if self.predictor is not None else "onnx"
 
+    @property
+    def onnx_spec(self) -> Onnx:
+        """The ``onnx`` section of an API that has no predictor (validation made it so)."""
+        if self.onnx is None:
+            raise ValueError(f'api "{self.name}" is a Python predictor, not an ONNX model')
+        return self.onnx
+
     def to_dict(self) -> dict[str, Any]:
         """The API as plain data (what the registry stores and ``--dry-run`` prints)."""
         data = asdict(self)

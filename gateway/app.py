@@ -1,6 +1,6 @@
 """The gateway's Flask app: HTTP in, a task on the API's queue, the reply back.
 
-Every answer to an API call is JSON. The status codes (PRODUCT.md §3):
+Every answer to an API call is JSON. The status codes (the README, "HTTP"):
 
 =====  ===================================================================================
 200    the prediction
@@ -25,9 +25,8 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from inferq import keys
 from inferq.client import Client
-from inferq.gateway.batching import Batchers
-from inferq.gateway.metrics import GatewayMetrics
 from inferq.errors import (
     BrokerUnavailable,
     InvalidSample,
@@ -39,7 +38,9 @@ from inferq.errors import (
     UnknownRequest,
     some_of,
 )
-from inferq.registry import DeployedApi, Registry
+from inferq.gateway.batching import Batchers
+from inferq.gateway.metrics import GatewayMetrics
+from inferq.registry import DeployedApi
 from inferq.samples import load_body
 
 log = logging.getLogger("inferq.gateway")
@@ -141,7 +142,7 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
         message = {
             413: f"the request body is over the {max_body} byte limit",
             405: f"{request.method} is not allowed here",
-        }.get(code, exc.description)
+        }.get(code, exc.description or exc.name)
         response = _json(_error(message), code)
         if code == 405:
             valid = getattr(exc, "valid_methods", None) or ["GET", "HEAD", "POST"]
@@ -152,7 +153,7 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
-        # Even a bug answers JSON (PRODUCT.md: every response to an API call is JSON).
+        # Even a bug answers JSON (the README: every response to an API call is JSON).
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return _json(_error(f"internal gateway error: {type(exc).__name__}: {exc}"), 500)
 
@@ -169,7 +170,7 @@ def _predict(client: Client, batchers: Batchers, deployed: DeployedApi, sample: 
                               still_wanted=still_wanted, checked=True)
     timeout = deployed.api.compute.timeout
     request_id = uuid.uuid4().hex
-    reply_to = Registry.reply_key(f"{client.id}:{request_id}")
+    reply_to = keys.reply(f"{client.id}:{request_id}")
     deadline = time.monotonic() + timeout
     # A caller that gives up cannot take its sample out of a batch: it expires there.
     batcher.add(sample, (reply_to, request_id, time.time() + timeout)).result()

@@ -90,7 +90,7 @@ class Batcher:
         try:
             self.client.queue_batch(self.api, [i.sample for i in batch],
                                     [i.reply for i in batch])
-        except Exception as exc:  # noqa: BLE001  (each caller answers it: 503, 404 ...)
+        except Exception as exc:
             for item in batch:
                 item.queued.set_exception(exc)
             return

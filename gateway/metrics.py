@@ -9,6 +9,7 @@ shows the totals of every gateway without a request paying a Redis round trip fo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import defaultdict
@@ -18,8 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from inferq import keys
 from inferq.errors import InferqError
-from inferq.workers.messages import queue_name
 
 log = logging.getLogger("inferq.gateway")
 
@@ -89,7 +90,7 @@ class GatewayMetrics:
             if not pending:
                 continue
             try:
-                self._client.registry.add_request_stats(pending)
+                self._client.registry.telemetry.add_request_stats(pending)
             except redis.RedisError as exc:
                 log.warning("could not record request counts (%s); they are kept", exc)
                 with self._lock:
@@ -99,10 +100,8 @@ class GatewayMetrics:
 
 
 def _remove(metric, *labels: str) -> None:
-    try:
+    with contextlib.suppress(KeyError):  # removed already by another scrape
         metric.remove(*labels)
-    except KeyError:  # removed already by another scrape
-        pass
 
 
 class _RegistryCollector:
@@ -122,13 +121,13 @@ class _RegistryCollector:
         try:
             registry = self._client.registry
             for deployed in self._client.apis():
-                stats = registry.request_stats(deployed.name)
-                job_samples.add_metric([deployed.name, "completed"], stats.get("job_samples", 0))
-                job_samples.add_metric([deployed.name, "failed"], stats.get("job_failed", 0))
-                depth.add_metric([deployed.name], registry.queue_length(queue_name(deployed.name)))
+                stats = registry.telemetry.request_stats(deployed.name)
+                job_samples.add_metric([deployed.name, "completed"], stats.job_samples)
+                job_samples.add_metric([deployed.name, "failed"], stats.job_failed)
+                depth.add_metric([deployed.name], registry.queues.length(keys.queue(deployed.name)))
                 counts: dict[str, int] = defaultdict(int)
-                for record in registry.replicas(deployed.name):
-                    counts[record["status"]] += 1
+                for record in registry.replicas.of(deployed.name):
+                    counts[record.status] += 1
                 for status, count in sorted(counts.items()):
                     replicas.add_metric([deployed.name, status], count)
         except (redis.RedisError, InferqError) as exc:  # a scrape must not fail the gateway

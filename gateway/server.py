@@ -12,8 +12,8 @@ import logging
 
 from waitress import create_server
 
-from inferq.gateway.app import DEFAULT_MAX_BODY, create_app
 from inferq.client import Client
+from inferq.gateway.app import DEFAULT_MAX_BODY, create_app
 
 log = logging.getLogger("inferq.gateway")
 

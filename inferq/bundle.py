@@ -124,8 +124,9 @@ def _extract(tar: tarfile.TarFile, folder: Path) -> None:
 
 
 def _too_large(project_dir: Path, sizes: dict[Path, int], total: int, limit: int) -> Problem:
-    largest = sorted(sizes, key=sizes.get, reverse=True)[:3]
-    listing = ", ".join(f"{p.relative_to(project_dir).as_posix()} ({_mib(sizes[p])})" for p in largest)
+    largest = sorted(sizes, key=lambda path: sizes[path], reverse=True)[:3]
+    listing = ", ".join(f"{p.relative_to(project_dir).as_posix()} ({_mib(sizes[p])})"
+                        for p in largest)
     return Problem(
         file=str(project_dir),
         path="",

@@ -3,34 +3,30 @@
 The gateway is built on it too, so every request, whichever way it arrives, takes the same
 path, one Redis round trip out: a script checks that the API list this client knows is
 current (the registry's change counter) and that the queue has room, and pushes the task
-message (``inferq.workers.messages``) with ``reply_to`` set to this client's reply list; the
+message (``inferq.messages``) with ``reply_to`` set to this client's reply list; the
 replica pushes the reply there.
 
-Replies are collected by ONE listener thread per client that hands each reply to its waiter
-(a :class:`concurrent.futures.Future`). Celery's own ``AsyncResult.get()`` is not used: the
-Redis result backend's consumer is not safe to share between threads (celery #4480, #6350),
-and a connection per waiting request does not scale to hundreds of them.
+Replies to submitted requests are collected by one listener thread per client
+(:mod:`inferq.futures`).
 """
 
 from __future__ import annotations
 
 import functools
-import heapq
-import os
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Self
 
 import redis
 
-from inferq import stack
+from inferq import keys, messages, stack
 from inferq.errors import (
     BrokerUnavailable,
     InvalidSample,
@@ -42,121 +38,14 @@ from inferq.errors import (
     UnknownRequest,
     some_of,
 )
+from inferq.futures import ReplyListener, RequestFuture, Waiter, withdraw
 from inferq.jobs import Job, Jobs
-from inferq.registry import DeployedApi, Registry
-from inferq.workers import messages
-from inferq.workers.messages import queue_name
+from inferq.registry import Admission, DeployedApi, Registry
 from inferq.samples import batch_fits, check_sample
 
 log = logging.getLogger("inferq.client")
 
 POLL_SECONDS = 0.5  # how often a waiting predict() asks whether its caller still wants it
-
-
-@dataclass
-class _Waiter:
-    future: Future
-    api: str
-    index: int | None
-    queue: str
-    message: str
-
-
-class _Replies:
-    """One thread that collects this client's replies and completes the waiting futures."""
-
-    def __init__(self, registry: Registry, key: str) -> None:
-        self._registry = registry
-        self._key = key
-        self._lock = threading.Lock()
-        self._waiting: dict[str, _Waiter] = {}
-        self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, task id)
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inferq-replies", daemon=True)
-        self._thread.start()
-
-    def expect(self, task_id: str, waiter: _Waiter, timeout: float) -> None:
-        waiter.future.set_running_or_notify_cancel()
-        waiter.future.timeout = timeout  # type: ignore[attr-defined]  (for the 504 message)
-        with self._lock:
-            self._waiting[task_id] = waiter
-            heapq.heappush(self._deadlines, (time.monotonic() + timeout, task_id))
-
-    def forget(self, task_id: str) -> _Waiter | None:
-        with self._lock:
-            return self._waiting.pop(task_id, None)
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        failures = 0
-        while not self._stopped.is_set():
-            try:
-                replies = self._registry.pop_replies(self._key, timeout=self._wait_time())
-                failures = 0
-            except redis.RedisError as exc:
-                failures += 1
-                if failures == 1:
-                    log.warning("reply listener: broker unreachable (%s); retrying", exc)
-                self._stopped.wait(min(0.1 * 2**failures, 2.0))
-                replies = []
-            for reply in replies:
-                if "answers" in reply:  # a batch's answers to one list, in one reply
-                    for answer in reply["answers"]:
-                        self._complete(answer)
-                else:
-                    self._complete(reply)
-            self._expire()
-
-    def _wait_time(self) -> float:
-        with self._lock:
-            if not self._deadlines:
-                return 1.0
-            until = self._deadlines[0][0] - time.monotonic()
-        # BLPOP takes whole or fractional seconds; 0 would mean "forever"
-        return min(1.0, max(until, 0.01))
-
-    def _complete(self, reply: dict[str, Any]) -> None:
-        with self._lock:
-            waiter = self._waiting.pop(reply.get("id", ""), None)
-        if waiter is None:
-            return  # timed out already, or a duplicate: nobody waits for it
-        if "error" in reply:
-            waiter.future.set_exception(
-                PredictionError(reply["error"], api=waiter.api, index=waiter.index))
-        else:
-            waiter.future.set_result(reply.get("result"))
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        expired = []
-        with self._lock:
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, task_id = heapq.heappop(self._deadlines)
-                waiter = self._waiting.pop(task_id, None)
-                if waiter is not None:
-                    expired.append(waiter)
-        for waiter in expired:
-            _withdraw(self._registry, waiter.queue, waiter.message)
-            waiter.future.set_exception(
-                PredictionTimeout(
-                    f"no replica answered within {waiter.future.timeout:g}s (the request was "
-                    "withdrawn and will not run later)",
-                    api=waiter.api,
-                    index=waiter.index,
-                )
-            )
-
-
-def _withdraw(registry: Registry, queue: str, message: str) -> None:
-    """Take a request nobody waits for off its queue, if no replica took it yet (one that
-    did drops it: the message expires with its caller's deadline)."""
-    try:
-        registry.withdraw(queue, message)
-    except redis.RedisError:
-        pass  # it expires on its own
 
 
 class Client:
@@ -175,11 +64,11 @@ class Client:
         # Threads beyond max_connections that talk to Redis at once wait for a connection.
         self.registry = Registry(self.broker_url, max_connections=max_connections)
         self.id = uuid.uuid4().hex
-        self.reply_key = Registry.reply_key(self.id)
+        self.reply_key = keys.reply(self.id)
         self._apis: dict[str, DeployedApi] = {}
         self._changes = -1
         self._apis_lock = threading.Lock()
-        self._replies = _Replies(self.registry, self.reply_key)
+        self._replies = ReplyListener(self.registry, self.reply_key)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -200,8 +89,8 @@ class Client:
         deployed = self._deployed(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         task_id = uuid.uuid4().hex
-        reply_to = Registry.reply_key(f"{self.id}:{task_id}")
-        queue = queue_name(api)
+        reply_to = keys.reply(f"{self.id}:{task_id}")
+        queue = keys.queue(api)
         message = self._encode(api, task_id, sample, queue, reply_to, timeout, debug, None,
                                checked)
         deadline = time.monotonic() + timeout
@@ -209,7 +98,7 @@ class Client:
                            timeout)
         return self.await_reply(api, reply_to, deadline, timeout, reply=reply,
                                 still_wanted=still_wanted,
-                                withdraw=lambda: _withdraw(self.registry, queue, message))
+                                withdraw=lambda: withdraw(self.registry, queue, message))
 
     def await_reply(self, api: str, reply_to: str, deadline: float, timeout: float, *,
                     reply: dict[str, Any] | None = None,
@@ -236,7 +125,7 @@ class Client:
         return reply.get("result")
 
     def submit(self, api: str, sample: Any, *, debug: bool = False, timeout: float | None = None,
-               index: int | None = None, endpoint: str | None = None) -> Future:
+               index: int | None = None, endpoint: str | None = None) -> RequestFuture:
         """Queue one sample; return a future whose ``result(timeout)`` is the prediction.
 
         The future fails with :class:`PredictionTimeout` when no replica answers within the
@@ -250,16 +139,16 @@ class Client:
         deployed = self._deployed(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         task_id = uuid.uuid4().hex
-        queue = queue_name(api)
+        queue = keys.queue(api)
         message = self._encode(api, task_id, sample, queue, self.reply_key, timeout, debug, index)
-        waiter = _Waiter(Future(), api, index, queue, message)
+        waiter = Waiter(RequestFuture(), api, index, queue, message)
         self._replies.expect(task_id, waiter, timeout)
         try:
             self._enqueue(deployed, queue, message, endpoint)
         except BaseException:
             self._replies.forget(task_id)
             raise
-        waiter.future.task_id = task_id  # type: ignore[attr-defined]
+        waiter.future.task_id = task_id
         return waiter.future
 
     def enqueue(self, api: str, sample: Any, *, endpoint: str | None = None,
@@ -277,17 +166,17 @@ class Client:
             check_sample(sample, api=api)
         retention = deployed.api.compute.async_retention
         request_id = uuid.uuid4().hex
-        queue = queue_name(api)
-        state = Registry.async_key(api, request_id)
+        queue = keys.queue(api)
+        state = keys.async_state(api, request_id)
         try:
             message = messages.encode_async(request_id, sample, queue=queue, state=state,
                                             expires_at=time.time() + retention)
         except (TypeError, ValueError) as exc:  # NaN or Infinity (JSON has neither)
             raise InvalidSample(f"the sample cannot be sent as JSON: {exc}", api=api) from None
 
-        def send(changes: int, limit: int) -> tuple[str, int, None]:
+        def send(changes: int, limit: int) -> tuple[Admission, int, None]:
             try:
-                outcome, value = self.registry.enqueue_async(
+                outcome, value = self.registry.queues.enqueue_async(
                     queue, message, state, retention, changes=changes, limit=limit)
             except redis.RedisError as exc:
                 raise BrokerUnavailable(
@@ -302,13 +191,13 @@ class Client:
         ``completed`` (with ``"result"``) or ``failed`` (with ``"error"``). Raises
         :class:`UnknownRequest` for an id that is unknown or past its retention."""
         try:
-            state = self.registry.async_state(api, request_id)
+            state = self.registry.queues.async_state(api, request_id)
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"the broker is unreachable ({exc})") from None
         if state is None:
             raise UnknownRequest(f'api "{api}": no async request {request_id!r} (unknown, or '
                                  "past the API's async_retention)")
-        return state
+        return state.to_dict()
 
     def cancel(self, future: Future) -> None:
         """Withdraw a submitted request that is no longer wanted (its caller went away)."""
@@ -317,10 +206,10 @@ class Client:
             return
         waiter = self._replies.forget(task_id)
         if waiter is not None:
-            _withdraw(self.registry, waiter.queue, waiter.message)
+            withdraw(self.registry, waiter.queue, waiter.message)
 
     def submit_batch(self, api: str, samples: list[Any], *, first_index: int = 0,
-                     debug: bool = False, timeout: float | None = None) -> list[Future]:
+                     debug: bool = False, timeout: float | None = None) -> list[RequestFuture]:
         """Queue ``samples`` as ONE message; return one future per sample, in order.
 
         The replica predicts them together (``predict_batch`` when the predictor defines it)
@@ -336,17 +225,18 @@ class Client:
                                      debug, first_index)
         futures = []
         for position, request_id in enumerate(ids):
-            waiter = _Waiter(Future(), api, first_index + position, queue_name(api), message)
+            waiter = Waiter(RequestFuture(), api, first_index + position, keys.queue(api),
+                             message)
             self._replies.expect(request_id, waiter, timeout)
             futures.append(waiter.future)
         try:
-            self._enqueue(deployed, queue_name(api), message, None, extra=len(samples) - 1)
+            self._enqueue(deployed, keys.queue(api), message, None, extra=len(samples) - 1)
         except BaseException:
             for request_id in ids:
                 self._replies.forget(request_id)
             raise
-        for request_id, future in zip(ids, futures):
-            future.task_id = request_id  # type: ignore[attr-defined]
+        for request_id, future in zip(ids, futures, strict=True):
+            future.task_id = request_id
         return futures
 
     def queue_batch(self, api: str, samples: list[Any], replies: list[tuple[str, str, float]],
@@ -356,7 +246,7 @@ class Client:
         Raises :class:`UnknownAPI`, :class:`QueueFull` or :class:`BrokerUnavailable`."""
         deployed = self._deployed(api)
         message = self._encode_batch(api, samples, replies, debug, 0)
-        self._enqueue(deployed, queue_name(api), message, None, extra=len(samples) - 1)
+        self._enqueue(deployed, keys.queue(api), message, None, extra=len(samples) - 1)
 
     @staticmethod
     def _encode_batch(api: str, samples: list[Any], replies: list[tuple[str, str, float]],
@@ -368,7 +258,7 @@ class Client:
                 check_sample(sample, api=api, index=first_index + position)
         try:
             return messages.encode_batch(uuid.uuid4().hex, list(samples), replies,
-                                         queue=queue_name(api), debug=bool(debug))
+                                         queue=keys.queue(api), debug=bool(debug))
         except (TypeError, ValueError) as exc:  # NaN or Infinity (JSON has neither)
             raise InvalidSample(f"a sample cannot be sent as JSON: {exc}", api=api,
                                 index=first_index) from None
@@ -389,7 +279,7 @@ class Client:
         if batch_size < 1 or window < 1:
             raise ValueError(f"batch_size and window must be at least 1, got {batch_size}, "
                              f"{window}")
-        total = len(samples) if hasattr(samples, "__len__") else None
+        total = len(samples) if isinstance(samples, Sized) else None
         bar = _progress_bar(api, total) if progress else None
         return self._map(api, iter(samples), bar, batch_size, max(window, batch_size), timeout)
 
@@ -408,33 +298,21 @@ class Client:
         drives it), not in this process: it goes on when this process ends. Raises
         :class:`UnknownAPI`, or :class:`JobError` for an input or output it cannot use.
         """
-        from inferq import jobfiles
-        from inferq.jobs import this_machine
-
         self._deployed(api)
         if batch_size < 1 or window < batch_size:
             raise ValueError(f"batch_size must be at least 1 and window at least batch_size, "
                              f"got {batch_size}, {window}")
-        input = jobfiles.resolve(input)
-        source = jobfiles.open_source(input)
-        output = jobfiles.resolve(output) if output else jobfiles.default_output(input)
-        jobfiles.check_output(output, source)
-        dead_letter = jobfiles.dead_letter_of(output)
-        jobfiles.check_output(dead_letter, source)
-        local = not (input.startswith("s3://") and output.startswith("s3://"))
-        job_id = self.jobs.create(api=api, input=input, output=output, dead_letter=dead_letter,
-                                  batch_size=batch_size, window=window,
-                                  machine=this_machine() if local else "")
-        return Job(self, job_id)
+        job_id = self.jobs.submit(api, input, output, batch_size=batch_size, window=window)
+        return Job(self.jobs, job_id)
 
     def job(self, job_id: str) -> Job:
         """The batch job ``job_id``; :class:`JobError` when there is none."""
         self.jobs.require(job_id)
-        return Job(self, job_id)
+        return Job(self.jobs, job_id)
 
     @functools.cached_property
     def jobs(self) -> Jobs:
-        """The batch jobs' records (:class:`inferq.jobs.Jobs`)."""
+        """The batch jobs' records (:class:`inferq.jobs.Jobs`), on this client's connection."""
         return Jobs(self.registry)
 
     def close(self) -> None:
@@ -471,7 +349,7 @@ class Client:
                 bar.close()
 
     def _submit_waiting(self, api: str, batch: list[Any], first_index: int,
-                        timeout: float | None) -> list[Future]:
+                        timeout: float | None) -> list[RequestFuture]:
         """Submit, waiting (not failing) while the API's queue is full."""
         delay = 0.05
         while True:
@@ -509,12 +387,12 @@ class Client:
               reply_to: str, endpoint: str | None, deadline: float,
               timeout: float) -> dict[str, Any] | None:
         """Queue ``message`` and wait a first moment for its reply, in one round trip."""
-        def send(changes: int, limit: int) -> tuple[str, int, dict[str, Any] | None]:
+        def send(changes: int, limit: int) -> tuple[Admission, int, dict[str, Any] | None]:
             sent = False  # the broker may have queued it: from then on, resend, never give up
             while True:
                 wait = max(0.01, min(deadline - time.monotonic(), POLL_SECONDS))
                 try:
-                    return self.registry.call(queue, message, request_id, reply_to, wait,
+                    return self.registry.queues.call(queue, message, request_id, reply_to, wait,
                                               changes=changes, limit=limit, ttl=timeout)
                 except redis.ConnectionError as exc:
                     if not sent and "connecting" in str(exc):  # nothing was sent
@@ -526,7 +404,7 @@ class Client:
                                     exc)
                     sent = True
                     if time.monotonic() >= deadline:
-                        return "queued", 0, None  # the wait for its reply times out
+                        return Admission.QUEUED, 0, None  # the wait for its reply times out
                     time.sleep(0.1)
                 except redis.RedisError as exc:
                     raise BrokerUnavailable(
@@ -536,7 +414,7 @@ class Client:
 
     def _wait_reply(self, reply_to: str, wait: float) -> dict[str, Any] | None:
         try:
-            return self.registry.wait_reply(reply_to, wait)
+            return self.registry.queues.wait_reply(reply_to, wait)
         except redis.RedisError:
             time.sleep(min(wait, 0.2))  # the broker is away: the reply waits in its list
             return None
@@ -551,9 +429,9 @@ class Client:
     def _enqueue(self, deployed: DeployedApi, queue: str, message: str,
                  endpoint: str | None, *, extra: int = 0) -> None:
         """Queue ``message`` in one round trip, unless the API is gone or its queue full."""
-        def send(changes: int, limit: int) -> tuple[str, int, None]:
+        def send(changes: int, limit: int) -> tuple[Admission, int, None]:
             try:
-                outcome, value = self.registry.enqueue(queue, message, changes=changes,
+                outcome, value = self.registry.queues.enqueue(queue, message, changes=changes,
                                                        limit=limit, extra=extra)
             except redis.RedisError as exc:
                 raise BrokerUnavailable(
@@ -571,9 +449,9 @@ class Client:
         for _ in range(3):
             limit = deployed.api.compute.max_queue_length
             outcome, value, reply = send(self._changes, limit)
-            if outcome == "queued":
+            if outcome == Admission.QUEUED:
                 return reply
-            if outcome == "full":
+            if outcome == Admission.FULL:
                 raise QueueFull(
                     f'api "{deployed.name}": its queue holds {value} requests, the limit is '
                     f"{limit} (compute.max_queue_length); retry later",
@@ -595,10 +473,10 @@ class Client:
     def _refresh(self) -> dict[str, DeployedApi]:
         """Re-read the deployed APIs if anything was deployed or deleted since the last read."""
         try:
-            changes = self.registry.changes()
+            changes = self.registry.deployments.changes()
             with self._apis_lock:
                 if changes != self._changes:
-                    self._apis = {a.name: a for a in self.registry.apis()}
+                    self._apis = {a.name: a for a in self.registry.deployments.apis()}
                     self._changes = changes
                 return self._apis
         except redis.RedisError as exc:

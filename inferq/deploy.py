@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from inferq.configs import Deployment, load_project
 from inferq.bundle import pack
+from inferq.configs import Deployment, load_project
 from inferq.registry import DeployResult, Registry
 
 
@@ -17,5 +17,5 @@ def deploy(project_dir: str | os.PathLike, registry: Registry) -> tuple[Deployme
     """
     deployment = load_project(project_dir)
     bundle = pack(deployment.project_dir)
-    registry.put_bundle(bundle.digest, bundle.data)
-    return deployment, registry.deploy(deployment, bundle.digest)
+    registry.deployments.put_bundle(bundle.digest, bundle.data)
+    return deployment, registry.deployments.deploy(deployment, bundle.digest)

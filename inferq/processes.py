@@ -8,6 +8,7 @@ SIGKILLed parent leaves no orphan behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -50,17 +51,15 @@ def spawn(
         stdin=subprocess.DEVNULL,
         cwd=cwd,
         # Only prctl and setpgid run there (async-signal-safe enough); no lock is taken.
-        preexec_fn=_own_group_and_die_with_parent if own_group else die_with_parent,  # noqa: PLW1509
+        preexec_fn=_own_group_and_die_with_parent if own_group else die_with_parent,
     )
 
 
 def stop(process: subprocess.Popen, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
     """Ask ``process`` to stop with ``sig``; SIGKILL it after ``timeout``. Return its exit code."""
     if process.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             process.send_signal(sig)
-        except ProcessLookupError:
-            pass
         try:
             return process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -84,7 +83,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll ``condition()`` until it returns a truthy value; raise TimeoutError after ``timeout``."""
+    """Poll ``condition()`` until it returns a truthy value; TimeoutError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()

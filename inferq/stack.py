@@ -16,6 +16,7 @@ import socket
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import redis
 
@@ -99,7 +100,7 @@ class StackLock:
     """The lock a running ``inferq up`` holds, so a second one says so instead of starting."""
 
     def __init__(self) -> None:
-        self._handle = None
+        self._handle: IO[str] | None = None
 
     def acquire(self) -> None:
         home().mkdir(parents=True, exist_ok=True)
@@ -187,11 +188,11 @@ class EmbeddedRedis:
     def start(self, timeout: float = 15.0) -> str:
         """Start Redis and wait until it answers; return its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = spawn(self.command())
+        process = self.process = spawn(self.command())
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
 
         def answers() -> bool:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 log = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
                 raise BrokerUnavailable(f"the embedded Redis exited at start:\n{log}")
             try:

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from inferq.configs import Compute, format_cpu, format_mem
-from inferq.scaler.host import Capacity
+from inferq.registry import Capacity
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def _take(free: _Free, request: Compute, count: int) -> None:
 
 
 def _why_not(request: Compute, free: dict[str, _Free]) -> str:
-    """Why a replica fits nowhere, e.g. ``needs gpu 1, host has 0`` (PRODUCT.md's example)."""
+    """Why a replica fits nowhere, e.g. ``needs gpu 1, host has 0`` (the README's example)."""
     if not free:
         return "no scaler is running (start one with `inferq scaler` or `inferq up`)"
     reasons = {name: _shortfall(request, f) for name, f in free.items()}

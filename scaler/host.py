@@ -16,53 +16,12 @@ from typing import Any, Self
 
 import psutil
 
-from inferq.configs.quantities import format_cpu, format_mem, parse_cpu, parse_mem
+from inferq.configs import parse_cpu, parse_mem
+from inferq.registry import Capacity
 
 log = logging.getLogger(__name__)
 
 _PROC_SELF = Path("/proc/self")
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """What a host offers replicas: cpu in millicores, mem in bytes, the GPU indices it lends."""
-
-    cpu: int
-    mem: int
-    gpus: tuple[int, ...] = ()
-    gpu_mem: tuple[int, ...] = ()  # bytes per GPU, in the order of ``gpus``; () if unknown
-
-    @property
-    def gpu_count(self) -> int:
-        return len(self.gpus)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"cpu": self.cpu, "mem": self.mem, "gpus": list(self.gpus),
-                "gpu_mem": list(self.gpu_mem)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Capacity:
-        return cls(cpu=int(data["cpu"]), mem=int(data["mem"]),
-                   gpus=tuple(int(i) for i in data.get("gpus", ())),
-                   gpu_mem=tuple(int(m) for m in data.get("gpu_mem", ())))
-
-    def describe(self) -> str:
-        """One line for logs and ``inferq get``: ``cpu 2, mem 23.4Gi, gpus 2 (0,1)``."""
-        gpus = f"gpus {self.gpu_count}"
-        if self.gpus:
-            gpus += f" ({','.join(str(i) for i in self.gpus)})"
-        return f"cpu {format_cpu(self.cpu)}, mem {_rounded_mem(self.mem)}, {gpus}"
-
-
-def _rounded_mem(size: int) -> str:
-    """``format_mem``'s exact form when short ("8Gi"), else one decimal ("23.4Gi")."""
-    exact = format_mem(size)
-    if len(exact) <= 5:
-        return exact
-    for suffix, power in (("Ti", 4), ("Gi", 3), ("Mi", 2), ("Ki", 1)):
-        if size >= 1024**power:
-            return f"{size / 1024**power:.1f}{suffix}"
-    return exact
 
 
 # -- capacity ---------------------------------------------------------------------------------
@@ -117,9 +76,10 @@ def _cgroup_cpu_limit(proc: Path = _PROC_SELF) -> float | None:
         if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
             limits.append(int(quota) / int(period))
     for folder in _cgroup_dirs("cpu", proc):
-        quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-        if quota and period and quota.isdigit() and period.isdigit() and int(period) > 0:
-            limits.append(int(quota) / int(period))  # "-1" (no quota) is not isdigit()
+        v1_quota = _read(folder / "cpu.cfs_quota_us") or ""
+        v1_period = _read(folder / "cpu.cfs_period_us") or ""
+        if v1_quota.isdigit() and v1_period.isdigit() and int(v1_period) > 0:
+            limits.append(int(v1_quota) / int(v1_period))  # "-1" (no quota) is not isdigit()
     return min(limits, default=None)
 
 
@@ -267,7 +227,8 @@ class Nvml:
             return []
         nvml = self._nvml
         try:
-            return [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(nvml.nvmlDeviceGetCount())]
+            return [(i, nvml.nvmlDeviceGetHandleByIndex(i))
+                    for i in range(nvml.nvmlDeviceGetCount())]
         except nvml.NVMLError as exc:
             log.debug("NVML cannot list GPUs: %s", exc)
             return []

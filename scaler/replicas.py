@@ -8,6 +8,7 @@ API's log stream in the registry (``inferq logs``), so logs are readable from an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,9 +20,7 @@ from dataclasses import dataclass, field
 import redis
 
 from inferq.processes import spawn
-from inferq.registry import Registry
-from inferq.workers.replica import replica_id
-from inferq.workers.supervisor import EXIT_INIT_FAILED
+from inferq.registry import EXIT_INIT_FAILED, Registry, replica_id
 
 LOG_FLUSH_SECONDS = 0.2
 
@@ -63,10 +62,8 @@ class ReplicaProcess:
 
     def kill(self) -> None:
         """SIGKILL the replica's whole process group (its Celery pool child too)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def start_replica(
@@ -117,13 +114,15 @@ class LogPump:
 
     def _read(self, replica: ReplicaProcess) -> None:
         prefix = f"[{replica.api} {replica.id}]"
-        for raw in iter(replica.process.stdout.readline, b""):
+        output = replica.process.stdout
+        assert output is not None  # started with stdout=PIPE
+        for raw in iter(output.readline, b""):
             line = raw.decode(errors="replace").rstrip("\n")
             if self.echo is not None:
                 print(f"{prefix} {line}", file=self.echo, flush=True)
             with self._lock:
                 self._pending.append((replica.api, replica.id, line))
-        replica.process.stdout.close()
+        output.close()
 
     def _flush_forever(self) -> None:
         while not self._stop.wait(LOG_FLUSH_SECONDS):
@@ -140,7 +139,7 @@ class LogPump:
             by_api.setdefault(api, []).append((replica, line))
         try:
             for api, lines in by_api.items():
-                self.registry.add_logs(api, lines)
+                self.registry.telemetry.add_logs(api, lines)
         except redis.RedisError:
             with self._lock:
                 self._pending[:0] = pending[-10_000:]

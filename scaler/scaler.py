@@ -15,6 +15,7 @@ is surplus with a warm shutdown, and kills a replica whose memory exceeds its ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -24,15 +25,24 @@ from dataclasses import dataclass
 
 import redis
 
+from inferq import keys
 from inferq.configs import format_mem
+from inferq.jobs import JobRunner
 from inferq.processes import pid_alive, wait_until
-from inferq.registry import DeployedApi, Registry
+from inferq.registry import (
+    Capacity,
+    DeployedApi,
+    FailureKind,
+    Plan,
+    Registry,
+    ReplicaRecord,
+    ReplicaStatus,
+    Usage,
+)
 from inferq.scaler.decide import Autoscaler, Load, place
-from inferq.scaler.host import Capacity, Nvml, ProcessTreeSampler
-from inferq.scaler.jobs import JobRunner
+from inferq.scaler.host import Nvml, ProcessTreeSampler
 from inferq.scaler.replicas import LogPump, ReplicaProcess, start_replica
 from inferq.scaler.status import judge
-from inferq.workers.messages import queue_name
 
 log = logging.getLogger("inferq.scaler")
 
@@ -120,26 +130,24 @@ class Scaler:
 
     def tick(self) -> None:
         """One round of observe, decide, act."""
-        deployed = {d.name: d for d in self.registry.apis()}
+        deployed = {d.name: d for d in self.registry.deployments.apis()}
         now = time.monotonic()
         self._reap(deployed, now)
         if now - self._last_sample >= SAMPLE_SECONDS:
             self._last_sample = now
             self._sample(deployed)
-        self.registry.heartbeat(self.host, self._host_info())
-        if self.registry.lead(self.host, LEADER_TTL_SECONDS):
+        self.registry.hosts.heartbeat(self.host, self.capacity, self._running())
+        if self.registry.hosts.lead(self.host, LEADER_TTL_SECONDS):
             plan = self.decide(deployed)
         else:
-            plan = self.registry.plan()
-        self._reconcile(deployed, plan.get("hosts", {}), now)
+            plan = self.registry.hosts.plan()
+        self._reconcile(deployed, plan.hosts, now)
         self.job_runner.tick()
 
     def shutdown(self) -> None:
         """Stop every replica (each finishes its request), then leave the system."""
-        try:
+        with contextlib.suppress(redis.RedisError):
             self.job_runner.shutdown()
-        except redis.RedisError:
-            pass
         for replica in self.replicas:
             replica.stop()
         deadline = time.monotonic() + STOP_GRACE_SECONDS + 60
@@ -151,9 +159,9 @@ class Scaler:
                 replica.process.wait()
         try:
             for replica in self.replicas:
-                self.registry.forget_replica(replica.api, replica.id)
-            self.registry.remove_host(self.host)
-            self.registry.resign(self.host)
+                self.registry.replicas.forget(replica.api, replica.id)
+            self.registry.hosts.remove(self.host)
+            self.registry.hosts.resign(self.host)
             self.logs.close()
         except redis.RedisError:
             pass
@@ -162,23 +170,22 @@ class Scaler:
 
     # -- the leader's decisions ---------------------------------------------------------------
 
-    def decide(self, deployed: dict[str, DeployedApi]) -> dict:
+    def decide(self, deployed: dict[str, DeployedApi]) -> Plan:
         """Desired replicas and placements for every API, and their statuses; the new plan."""
-        server_now = self.registry.now()
-        hosts = self.registry.hosts()
+        server_now = self.registry.store.now()
         alive = {}
-        for name, info in hosts.items():
-            if server_now - info["heartbeat"] <= HOST_TIMEOUT_SECONDS:
-                alive[name] = Capacity.from_dict(info["capacity"])
+        for name, record in self.registry.hosts.all().items():
+            if server_now - record.heartbeat <= HOST_TIMEOUT_SECONDS:
+                alive[name] = record.capacity
             else:
                 self._forget_host(name, deployed)
         now = time.monotonic()
         desired: dict[str, int] = {}
-        observed: dict[str, list[dict]] = {}
-        previous = self.registry.plan()
-        previous_desired = previous.get("desired", {})
+        observed: dict[str, list[ReplicaRecord]] = {}
+        previous = self.registry.hosts.plan()
+        previous_desired = previous.desired
         for name, api in deployed.items():
-            records = [r for r in self.registry.replicas(name) if r.get("host") in alive]
+            records = [r for r in self.registry.replicas.of(name) if r.host in alive]
             observed[name] = records
             load = self._load(name, records)
             desired[name] = self.autoscaler.desired(name, api.api.compute, load, now)
@@ -191,29 +198,29 @@ class Scaler:
             self.autoscaler.forget(name)
         placement = place(
             desired, {n: a.api.compute for n, a in deployed.items()}, alive,
-            previous.get("hosts", {}),
+            previous.hosts,
         )
-        plan = {"hosts": placement.hosts, "desired": desired,
-                "unplaced": {a: list(u) for a, u in placement.unplaced.items()}}
-        self.registry.set_plan(plan)
+        plan = Plan(placement.hosts, desired, placement.unplaced)
+        self.registry.hosts.set_plan(plan)
         for name, api in deployed.items():
             status, reason = judge(
                 api.version, desired[name], placement.unplaced.get(name), observed[name],
-                self.registry.failures(name),
+                self.registry.replicas.failures(name),
             )
-            self.registry.set_status(
+            self.registry.replicas.set_status(
                 name, status, reason=reason, requested=desired[name],
                 hosts=placement.hosts.get(name, {}),
             )
         return plan
 
-    def _load(self, api: str, records: list[dict]) -> Load:
-        live = [r["id"] for r in records if r["status"] == "live"]
-        usage = self.registry.usage(api)
+    def _load(self, api: str, records: list[ReplicaRecord]) -> Load:
+        live = [r.id for r in records if r.status == ReplicaStatus.LIVE]
+        usage = self.registry.replicas.usage(api)
         # In samples, not messages: a queue of batches scales as the same requests alone.
-        in_flight, held_extra = self.registry.in_flight_samples(api, [r["id"] for r in records])
+        in_flight, held_extra = self.registry.queues.in_flight_samples(
+            api, [r.id for r in records])
         return Load(
-            queued=max(0, self.registry.queued_samples(queue_name(api)) - held_extra),
+            queued=max(0, self.registry.queues.queued_samples(keys.queue(api)) - held_extra),
             in_flight=in_flight,
             live=len(live),
             cpu=_mean(usage, live, "cpu"),
@@ -224,13 +231,13 @@ class Scaler:
                      why: str = "stopped beating") -> None:
         """A host is gone: requeue what its replicas held and forget them."""
         requeued = 0
-        for name in set(deployed) | set(self.registry.apis_with_replicas()):
-            for record in self.registry.replicas(name):
-                if record.get("host") == host:
-                    requeued += self.registry.recover(name, record["id"], queue_name(name))[0]
-                    self.registry.forget_replica(name, record["id"])
-            self.registry.clear_failure(name, host)
-        self.registry.remove_host(host)
+        for name in set(deployed) | set(self.registry.replicas.apis_with_replicas()):
+            for record in self.registry.replicas.of(name):
+                if record.host == host:
+                    requeued += self.registry.queues.recover(name, record.id, keys.queue(name))[0]
+                    self.registry.replicas.forget(name, record.id)
+            self.registry.replicas.clear_failure(name, host)
+        self.registry.hosts.remove(host)
         if requeued or why == "stopped beating":
             log.warning("host %s %s: its replicas are placed again (%d request(s) requeued)",
                         host, why, requeued)
@@ -253,17 +260,17 @@ class Scaler:
               now: float) -> None:
         """Bring this host's replicas of one API to ``target`` of the deployed version."""
         name = deployed.name
-        records = {r["id"]: r for r in self.registry.replicas(name)}
+        statuses = {r.id: r.status for r in self.registry.replicas.of(name)}
         current = [r for r in mine if r.version == deployed.version]
         old = [r for r in mine if r.version != deployed.version]
-        live = [r for r in current if records.get(r.id, {}).get("status") == "live"]
+        live = [r for r in current if statuses.get(r.id) == ReplicaStatus.LIVE]
         if live:
             self.backoff.setdefault(name, _Backoff()).recovered()
             if name in self.failed_here:
-                self.registry.clear_failure(name, self.host)
+                self.registry.replicas.clear_failure(name, self.host)
                 self.failed_here.discard(name)
         if len(current) > target:
-            busy = self.registry.in_flight(name, [r.id for r in current])
+            busy = self.registry.queues.in_flight(name, [r.id for r in current])
             # Stop replicas still starting first, then idle ones, then the newest.
             ranked = sorted(
                 current,
@@ -287,7 +294,7 @@ class Scaler:
             return
         need = deployed.api.compute.gpu
         for _ in range(count):
-            gpus = ()
+            gpus: tuple[int, ...] = ()
             if need:
                 free = self._free_gpus()
                 if len(free) < need:
@@ -300,8 +307,8 @@ class Scaler:
                 deployed.name, deployed.version, self.broker_url, self.host, gpus, self.logs,
                 loglevel=self.loglevel,
             )
-            self.registry.set_replica(
-                deployed.name, replica.id, status="pending", host=self.host,
+            self.registry.replicas.update(
+                deployed.name, replica.id, status=ReplicaStatus.PENDING, host=self.host,
                 replica_pid=replica.pid,
                 version=deployed.version, gpus=list(gpus),
             )
@@ -316,7 +323,7 @@ class Scaler:
     def _drain(self, name: str, mine: list[ReplicaProcess], now: float) -> None:
         """A deleted API: its replicas answer what is queued, then stop (warm shutdown)."""
         started = self.deleted_at.setdefault(name, now)
-        if mine and self.registry.queue_length(queue_name(name)) and now - started < 60:
+        if mine and self.registry.queues.length(keys.queue(name)) and now - started < 60:
             return
         for replica in mine:
             self._stop_replica(replica)
@@ -324,7 +331,7 @@ class Scaler:
     def _stop_replica(self, replica: ReplicaProcess) -> None:
         """Warm shutdown; the record says "stopping" so the replica no longer counts as live."""
         replica.stop()
-        self.registry.set_replica(replica.api, replica.id, status="stopping")
+        self.registry.replicas.update(replica.api, replica.id, status=ReplicaStatus.STOPPING)
 
     def _reap(self, deployed: dict[str, DeployedApi], now: float) -> None:
         """Notice replicas that exited; record why unexpected exits happened."""
@@ -337,12 +344,13 @@ class Scaler:
                     replica.kill()  # a warm shutdown that hangs past any request's timeout
                 continue
             record = next(
-                (r for r in self.registry.replicas(replica.api) if r["id"] == replica.id), {}
+                (r for r in self.registry.replicas.of(replica.api) if r.id == replica.id),
+                ReplicaRecord(replica.id),
             )
             self._recover(replica, record)  # first: a broker error retries it next tick
             self.replicas.remove(replica)
             self.sampler.forget(replica.pid)
-            self.registry.forget_replica(replica.api, replica.id)
+            self.registry.replicas.forget(replica.api, replica.id)
             if replica.api not in deployed:
                 self._forget_if_drained(replica.api)
                 continue
@@ -350,15 +358,15 @@ class Scaler:
                 continue
             kind, message = self._failure(replica, code, record, deployed[replica.api])
             delay = self.backoff.setdefault(replica.api, _Backoff()).failed(now, replica.version)
-            self.registry.set_failure(replica.api, self.host, kind, message)
+            self.registry.replicas.set_failure(replica.api, self.host, kind, message)
             self.failed_here.add(replica.api)
             log.error('api "%s": %s; next replica in %.0fs', replica.api, message, delay)
 
-    def _recover(self, replica: ReplicaProcess, record: dict) -> None:
+    def _recover(self, replica: ReplicaProcess, record: ReplicaRecord) -> None:
         """Put back what a replica that exited held (its supervisor does it unless it was
         killed itself), once its serving process is gone too."""
         replica.kill()  # the serving process, if it outlived its supervisor a moment
-        serving = record.get("pid")
+        serving = record.pid
         if serving and serving != replica.pid:
             try:
                 wait_until(lambda: not pid_alive(serving), 5, interval=0.01,
@@ -368,39 +376,41 @@ class Scaler:
                 return
         if replica.oom:
             return  # its requests were answered when it was killed
-        requeued, failed = self.registry.recover(replica.api, replica.id, queue_name(replica.api))
+        requeued, failed = self.registry.queues.recover(replica.api, replica.id,
+                                                       keys.queue(replica.api))
         if requeued or failed:
             log.warning('api "%s": replica %s died holding %d request(s): %d put back, '
                         "%d answered with an error", replica.api, replica.id,
                         requeued + failed, requeued, failed)
 
     def _forget_if_drained(self, name: str) -> None:
-        if not any(r.api == name for r in self.replicas) and not self.registry.replicas(name):
-            self.registry.forget_api(name)
+        if not any(r.api == name for r in self.replicas) and not self.registry.replicas.of(name):
+            self.registry.replicas.forget_api(name)
 
     @staticmethod
-    def _failure(replica: ReplicaProcess, code: int, record: dict,
-                 deployed: DeployedApi) -> tuple[str, str]:
+    def _failure(replica: ReplicaProcess, code: int, record: ReplicaRecord,
+                 deployed: DeployedApi) -> tuple[FailureKind, str]:
         if replica.oom:
             mem = format_mem(deployed.api.compute.mem or 0)
-            return "oom", f"replica {replica.id} used more memory than its mem request ({mem})"
-        if replica.init_failed() and record.get("error"):
-            return record.get("failure") or "error", record["error"]
-        return "error", f"replica {replica.id} exited with code {code}"
+            return (FailureKind.OOM,
+                    f"replica {replica.id} used more memory than its mem request ({mem})")
+        if replica.init_failed() and record.error:
+            return record.failure or FailureKind.ERROR, record.error
+        return FailureKind.ERROR, f"replica {replica.id} exited with code {code}"
 
     def _sample(self, deployed: dict[str, DeployedApi]) -> None:
         """CPU and memory of each replica's process tree; kill what exceeds its ``mem``."""
-        usage: dict[str, dict[str, dict[str, float]]] = {}
+        usage: dict[str, dict[str, Usage]] = {}
         for replica in self.replicas:
             if replica.exited() is not None:
                 continue
             sample = self.sampler.sample(replica.pid)
             if sample is None:
                 continue
-            usage.setdefault(replica.api, {})[replica.id] = {
-                "cpu": sample.cpu_millicores, "rss": sample.rss,
-                "gpu": self.nvml.utilization(replica.gpus) if replica.gpus else None,
-            }
+            usage.setdefault(replica.api, {})[replica.id] = Usage(
+                cpu=sample.cpu_millicores, rss=sample.rss,
+                gpu=self.nvml.utilization(replica.gpus) if replica.gpus else None,
+            )
             api = deployed.get(replica.api)
             mem = api.api.compute.mem if api is not None else None
             if mem and sample.rss > mem and not replica.oom:
@@ -409,30 +419,27 @@ class Scaler:
                 replica.oom = True
                 replica.kill()
                 # Retrying the request would likely kill the next replica too: answer it.
-                self.registry.fail_held(replica.api, replica.id, (
+                self.registry.queues.fail_held(replica.api, replica.id, (
                     f"the replica ran out of memory while predicting (it used "
                     f"{format_mem(sample.rss)}, over its mem request {format_mem(mem)})"
                 ))
-        for api, values in usage.items():
-            self.registry.set_usage(api, values)
+        for name, values in usage.items():
+            self.registry.replicas.set_usage(name, values)
 
-    def _host_info(self) -> dict:
-        return {
-            "capacity": self.capacity.to_dict(),
-            "replicas": {
-                api: sum(1 for r in self.replicas if r.api == api and not r.stopping)
-                for api in {r.api for r in self.replicas}
-            },
-        }
+    def _running(self) -> dict[str, int]:
+        """Replicas per API on this host (those not stopping)."""
+        return {api: sum(1 for r in self.replicas if r.api == api and not r.stopping)
+                for api in {r.api for r in self.replicas}}
 
     def _forget_previous_run(self) -> None:
         """Replicas a previous scaler of this host started died with it: forget them, and
         requeue the requests they held, so nothing is adopted twice or waits an hour."""
-        deployed = {d.name: d for d in self.registry.apis()}
+        deployed = {d.name: d for d in self.registry.deployments.apis()}
         self._forget_host(self.host, deployed, why="restarted")
 
 
-def _mean(usage: dict[str, dict[str, float]], replicas: list[str], key: str) -> float | None:
+def _mean(usage: dict[str, Usage], replicas: list[str], key: str) -> float | None:
     """The mean of ``key`` over the replicas that reported it; None when none did."""
-    values = [usage[r][key] for r in replicas if usage.get(r, {}).get(key) is not None]
+    values = [value for r in replicas if r in usage
+              and (value := getattr(usage[r], key)) is not None]
     return sum(values) / len(values) if values else None

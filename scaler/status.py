@@ -20,34 +20,31 @@ Each status appears exactly when its meaning holds:
 
 from __future__ import annotations
 
-from typing import Any
+from inferq.registry import ApiStatus, Failure, ReplicaRecord, ReplicaStatus
 
 REASON_LINES = 6  # of a traceback, in ``inferq get``
-# A replica failure's kind (registry ``set_failure``) -> the API's status.
-FAILURE_STATUS = {"error": "error", "oom": "error (out of memory)",
-                  "requirements": "error (requirements)"}
 
 
 def judge(version: str, desired: int, unplaced: tuple[int, str] | None,
-          replicas: list[dict[str, Any]], failures: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """(status, reason) of one API; ``replicas`` are its replica records on live hosts."""
-    live = [r for r in replicas if r["status"] == "live"]
-    up_to_date = [r for r in live if r.get("version") == version]
+          replicas: list[ReplicaRecord], failures: list[Failure]) -> tuple[ApiStatus, str | None]:
+    """(status, reason) of one API; ``replicas`` are its replica records on live hosts,
+    ``failures`` its failures, oldest first."""
+    live = [r for r in replicas if r.status == ReplicaStatus.LIVE]
+    up_to_date = [r for r in live if r.version == version]
     if unplaced is not None:
         count, reason = unplaced
-        return "compute unavailable", f"{count} replica(s) cannot be placed: {reason}"
+        return ApiStatus.COMPUTE_UNAVAILABLE, f"{count} replica(s) cannot be placed: {reason}"
     if failures and len(up_to_date) < desired:
         failure = failures[-1]
-        status = FAILURE_STATUS.get(failure["kind"], "error")
-        return status, _last_lines(failure["message"])
+        return failure.kind.status, _last_lines(failure.message)
     if desired == 0 and not replicas:
-        return "stopped", "scaled to zero: a queued request starts a replica"
+        return ApiStatus.STOPPED, "scaled to zero: a queued request starts a replica"
     if live:
-        return "live", None
-    creating = [r for r in replicas if r["status"] == "creating"]
+        return ApiStatus.LIVE, None
+    creating = [r for r in replicas if r.status == ReplicaStatus.CREATING]
     if creating:
-        return "creating", next((r["detail"] for r in creating if r.get("detail")), None)
-    return "pending", None
+        return ApiStatus.CREATING, next((r.detail for r in creating if r.detail), None)
+    return ApiStatus.PENDING, None
 
 
 def _last_lines(message: str) -> str:

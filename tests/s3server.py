@@ -8,6 +8,7 @@ failing or stalling S3. Nothing patches boto3: every request is real HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import subprocess
@@ -20,12 +21,10 @@ from urllib.parse import urlsplit
 
 import boto3
 import pytest
+from helpers import S3_PART_MIN_BYTES
 
 from inferq.processes import spawn, stop, wait_until
 from inferq.stack import free_port
-
-
-S3_PART_MIN_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -189,10 +188,8 @@ class S3Proxy:
                 self.wfile.flush()
                 proxy.stalled.set()
                 proxy._released.wait(30)
-                try:
+                with contextlib.suppress(OSError):  # the client was killed while it waited
                     self.wfile.write(data[half:])
-                except OSError:
-                    pass  # the client was killed while it waited
 
             def _fail(self, status: int, code: str) -> None:
                 xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import requests
-from conftest import write_project
-from test_gateway import assert_json, post
+from helpers import assert_json, post, write_project
 
 from inferq import Client, UnknownRequest
 from inferq.deploy import deploy
@@ -49,7 +48,7 @@ def test_an_async_request_goes_from_in_queue_to_completed(registry, replicas, ga
                                 {"id": "a", "gate": str(gate)}), 202)
     request_id = accepted["id"]
     assert state(gateway, request_id) == {"id": request_id, "status": "in_queue"}
-    assert registry.queue_length("inferq.later") == 1  # waits like any other request
+    assert registry.queues.length("inferq.later") == 1  # waits like any other request
 
     replicas.start("later")  # well past the 1 s sync timeout
     wait_until(lambda: state(gateway, request_id)["status"] == "in_progress", 30,
@@ -113,7 +112,7 @@ def test_the_python_client_enqueues_and_reads_the_status(registry, replicas, tmp
 def test_an_async_request_scales_an_idle_api_from_zero(registry, scalers, tmp_path):
     deploy_jobs(registry, tmp_path, "{min_replicas: 0, max_replicas: 1}")
     scalers.start()
-    wait_until(lambda: (s := registry.status("later")) and s["status"] == "stopped", 60,
+    wait_until(lambda: (s := registry.replicas.status("later")) and s.status == "stopped", 60,
                what="the API stopped at zero replicas")
     with Client(registry.url) as client:
         request_id = client.enqueue("later", {"id": "f"})

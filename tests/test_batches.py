@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import copy_example, write_project
+from helpers import copy_example, write_project
 
 from inferq import Client, PredictionError
 from inferq.deploy import deploy
@@ -97,9 +97,11 @@ def test_map_raises_for_the_first_failed_sample_with_its_index(batcher):
 
 def test_the_tracker_counts_every_sample_of_a_batch(batcher, registry):
     list(batcher.map("batcher", [{"n": n} for n in range(50)], batch_size=16))
-    wait_until(lambda: sum(registry.tracker_stats("batcher").get("classes", {}).values()) == 50,
-               10, what="50 tracked predictions")
-    assert registry.tracker_stats("batcher")["classes"] == {"even": 25, "odd": 25}
+    def tracked() -> int:
+        return sum((registry.telemetry.tracker_stats("batcher").classes or {}).values())
+
+    wait_until(lambda: tracked() == 50, 10, what="50 tracked predictions")
+    assert registry.telemetry.tracker_stats("batcher").classes == {"even": 25, "odd": 25}
 
 
 def test_the_queue_counts_samples_not_messages(registry, tmp_path):
@@ -108,8 +110,8 @@ def test_the_queue_counts_samples_not_messages(registry, tmp_path):
     with Client(registry.url) as client:  # no replica: the batches wait
         client.submit_batch("idle", [{"n": n} for n in range(10)])
         client.submit("idle", {"n": 10})
-        assert registry.queue_length("inferq.idle") == 2
-        assert registry.queued_samples("inferq.idle") == 11
+        assert registry.queues.length("inferq.idle") == 2
+        assert registry.queues.queued_samples("inferq.idle") == 11
 
 
 def test_a_withdrawn_batch_leaves_the_sample_count(registry, tmp_path):
@@ -119,7 +121,7 @@ def test_a_withdrawn_batch_leaves_the_sample_count(registry, tmp_path):
         futures = client.submit_batch("idle", [{"n": n} for n in range(10)], timeout=0.5)
         with pytest.raises(PredictionError):
             futures[0].result(timeout=10)
-        wait_until(lambda: registry.queued_samples("inferq.idle") == 0, 5,
+        wait_until(lambda: registry.queues.queued_samples("inferq.idle") == 0, 5,
                    what="the timed-out batch withdrawn")
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import write_project
+from helpers import write_project
 
 from inferq import Client
 from inferq.deploy import deploy

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import write_project
+from helpers import write_project
 
 from inferq import Client, InvalidSample, PredictionError, UnknownAPI
 from inferq.deploy import deploy
@@ -42,7 +42,7 @@ def test_map_over_an_endless_stream_keeps_only_its_window_in_flight(doubler, reg
         nonlocal produced, deepest
         for n in itertools.count():
             produced += 1
-            deepest = max(deepest, registry.queued_samples("inferq.doubler"))
+            deepest = max(deepest, registry.queues.queued_samples("inferq.doubler"))
             yield {"n": n}
 
     results = doubler.map("doubler", samples(), batch_size=batch_size, window=8)
@@ -66,7 +66,7 @@ def test_an_unknown_api_fails_before_anything_is_queued(doubler, registry):
         doubler.map("tripler", ({"n": n} for n in range(10)))
     with pytest.raises(UnknownAPI):
         doubler.submit("tripler", {"n": 1})
-    assert registry.queue_length("inferq.tripler") == 0
+    assert registry.queues.length("inferq.tripler") == 0
 
 
 def test_one_client_serves_many_threads_at_once(doubler):
@@ -98,7 +98,7 @@ def test_a_sample_json_cannot_carry_fails_naming_the_api_before_anything_is_queu
                 doubler.predict("doubler", sample)
             with pytest.raises(InvalidSample, match=message):
                 doubler.submit("doubler", sample)
-    assert registry.queue_length("inferq.doubler") == 0
+    assert registry.queues.length("inferq.doubler") == 0
     # At the limit a sample is sent (and here fails in predict(), as it would anywhere else).
     with pytest.raises(PredictionError, match="list indices must be integers"):
         doubler.predict("doubler", nested(99, {"n": 1}))
@@ -108,10 +108,10 @@ def test_map_names_the_index_of_a_sample_json_cannot_carry(doubler, registry):
     samples = [{"n": 1}, {"n": 2}, {"n": nested(5000)}, {"n": 4}]
     results = doubler.map("doubler", samples, batch_size=1, window=1)
     assert [next(results), next(results)] == [2, 4]
-    with pytest.raises(InvalidSample, match='^api "doubler", sample 2: the sample nests deeper '
+    with pytest.raises(InvalidSample, match=r'^api "doubler", sample 2: the sample nests deeper '
                                             "than 100 levels"):
         next(results)
-    assert registry.queue_length("inferq.doubler") == 0
+    assert registry.queues.length("inferq.doubler") == 0
 
 
 def test_map_carries_10_mb_samples_and_a_sample_over_256_mb_is_a_clear_error(doubler, registry):
@@ -119,9 +119,9 @@ def test_map_carries_10_mb_samples_and_a_sample_over_256_mb_is_a_clear_error(dou
     answers = doubler.map("doubler", ({"n": big + str(n)} for n in range(3)), window=2)
     for n, answer in enumerate(answers):
         assert len(answer) == 2 * (len(big) + 1) and answer.endswith(f"a{n}")
-    assert registry.queue_length("inferq.doubler") == 0
+    assert registry.queues.length("inferq.doubler") == 0
     too_big = {"n": "a" * (256 * 1024 * 1024)}
-    with pytest.raises(InvalidSample, match='^api "doubler": the sample is 268,435,465 bytes of '
+    with pytest.raises(InvalidSample, match=r'^api "doubler": the sample is 268,435,465 bytes of '
                                             "JSON, over the 256 MiB limit of a message"):
         doubler.predict("doubler", too_big)
-    assert registry.queue_length("inferq.doubler") == 0
+    assert registry.queues.length("inferq.doubler") == 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from inferq.configs import Compute
+from inferq.registry import Capacity, Failure, FailureKind, ReplicaRecord, ReplicaStatus
 from inferq.scaler.decide import Autoscaler, Load, place, recommend
-from inferq.scaler.host import Capacity
 from inferq.scaler.status import judge
 
 GiB = 1024**3
@@ -128,7 +128,7 @@ def test_no_scaler_means_compute_unavailable_with_the_reason():
 
 
 def replica(status, version="v2", **fields):
-    return {"id": f"h-{id(fields)}", "status": status, "version": version, **fields}
+    return ReplicaRecord(f"h-{id(fields)}", ReplicaStatus(status), version=version, **fields)
 
 
 def test_statuses_follow_their_meaning():
@@ -137,10 +137,10 @@ def test_statuses_follow_their_meaning():
     assert judge("v2", 1, None, [replica("creating")], [])[0] == "creating"
     assert judge("v2", 1, None, [replica("live")], [])[0] == "live"
     assert judge("v2", 0, None, [], [])[0] == "stopped"
-    failure = {"kind": "error", "message": "Traceback\n  File x\nZeroDivisionError: boom", "at": 1}
+    failure = Failure(FailureKind.ERROR, "Traceback\n  File x\nZeroDivisionError: boom", 1, "h")
     status, reason = judge("v2", 1, None, [replica("creating")], [failure])
     assert status == "error" and reason.endswith("ZeroDivisionError: boom")
-    oom = {"kind": "oom", "message": "replica used more memory", "at": 2}
+    oom = Failure(FailureKind.OOM, "replica used more memory", 2, "h")
     assert judge("v2", 2, None, [replica("live")], [oom])[0] == "error (out of memory)"
     # Recovered: every wanted replica of the deployed version is live again.
     assert judge("v2", 1, None, [replica("live")], [oom])[0] == "live"

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import EXAMPLES, copy_example, inferq_command, write_project
+from helpers import EXAMPLES, copy_example, inferq_command, write_project
 
-from inferq import Client
+from inferq import Client, keys
 from inferq.bundle import pack, unpack
 from inferq.deploy import deploy
 from inferq.errors import BundleTooLarge, ConfigError, DeployError
@@ -79,7 +79,7 @@ def test_a_project_of_more_than_10000_files_is_refused_naming_where_they_are(reg
     assert (f"{project}: the project has more than 10,000 files, the bundle limit "
             "(most in: venv/ (9,999), the project's top folder (2)); ") in done.stderr
     assert "INFERQ_MAX_BUNDLE_FILES" in done.stderr and "Traceback" not in done.stderr
-    assert registry.apis() == []  # nothing deployed
+    assert registry.deployments.apis() == []  # nothing deployed
     # In a dot-folder (as a virtualenv usually is) the same files are not part of the bundle.
     packages.parent.rename(project / ".venv")
     assert pack(project).files == ("cortex.yaml", "predictor.py")
@@ -96,25 +96,25 @@ def test_redeploy_unchanged_keeps_versions_and_a_change_makes_new_ones(registry,
     project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
     _, first = deploy(project, registry)
     assert first.changes == {"ranker": "created", "tagger": "created"}
-    versions = {a.name: (a.version, a.updated_at) for a in registry.apis()}
+    versions = {a.name: (a.version, a.updated_at) for a in registry.deployments.apis()}
 
     _, again = deploy(project, registry)
     assert not again.changed
-    assert {a.name: (a.version, a.updated_at) for a in registry.apis()} == versions
+    assert {a.name: (a.version, a.updated_at) for a in registry.deployments.apis()} == versions
 
     (project / "predictor.py").write_text(PREDICTOR + "\n# tuned\n")
     _, changed = deploy(project, registry)
     assert changed.changes == {"ranker": "updated", "tagger": "updated"}
-    new_versions = {a.name: a.version for a in registry.apis()}
+    new_versions = {a.name: a.version for a in registry.deployments.apis()}
     assert all(new_versions[n] != versions[n][0] for n in new_versions)
-    new_bundle = registry.api("ranker").bundle
-    assert registry.get_bundle(new_bundle) is not None
+    new_bundle = registry.deployments.api("ranker").bundle
+    assert registry.deployments.get_bundle(new_bundle) is not None
 
 
 def test_changing_one_apis_compute_updates_only_that_api(registry, tmp_path):
     project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
     deploy(project, registry)
-    before = {a.name: a.version for a in registry.apis()}
+    before = {a.name: a.version for a in registry.deployments.apis()}
     text = (project / "cortex.yaml").read_text().replace(
         "  endpoint: /tags\n", "  endpoint: /tags\n  compute:\n    max_replicas: 3\n"
     )
@@ -122,8 +122,8 @@ def test_changing_one_apis_compute_updates_only_that_api(registry, tmp_path):
     _, result = deploy(project, registry)
     # the file changed, so the bundle (and both versions) changed: replicas run the new files
     assert result.changes["tagger"] == "updated"
-    assert registry.api("tagger").api.compute.max_replicas == 3
-    assert registry.api("ranker").version != before["ranker"]
+    assert registry.deployments.api("tagger").api.compute.max_replicas == 3
+    assert registry.deployments.api("ranker").version != before["ranker"]
 
 
 def test_removing_an_api_from_the_file_removes_it_from_the_deployment(registry, tmp_path):
@@ -133,17 +133,17 @@ def test_removing_an_api_from_the_file_removes_it_from_the_deployment(registry, 
     (project / "cortex.yaml").write_text(text[: text.index("- kind: api\n  name: tagger")])
     _, result = deploy(project, registry)
     assert result.removed == ("tagger",)
-    assert [a.name for a in registry.apis()] == ["ranker"]
+    assert [a.name for a in registry.deployments.apis()] == ["ranker"]
 
 
 def test_an_invalid_project_changes_nothing_already_deployed(registry, tmp_path):
     project = write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR})
     deploy(project, registry)
-    before = registry.apis()
+    before = registry.deployments.apis()
     (project / "cortex.yaml").write_text(TWO_APIS.replace("path: predictor.py", "path: gone.py"))
     with pytest.raises(ConfigError):
         deploy(project, registry)
-    assert registry.apis() == before
+    assert registry.deployments.apis() == before
 
 
 def test_api_names_and_endpoints_belong_to_one_deployment(registry, tmp_path):
@@ -163,16 +163,16 @@ def test_api_names_and_endpoints_belong_to_one_deployment(registry, tmp_path):
     with pytest.raises(DeployError, match="endpoint /tags is taken"):
         deploy(write_project(tmp_path / "c", endpoint_clash, {"predictor.py": PREDICTOR}),
                registry)
-    assert {a.api.deployment for a in registry.apis()} == {"shop"}
+    assert {a.api.deployment for a in registry.deployments.apis()} == {"shop"}
 
 
 def test_delete_removes_the_deployment_and_its_apis(registry, tmp_path):
     deploy(write_project(tmp_path / "p", TWO_APIS, {"predictor.py": PREDICTOR}), registry)
-    assert sorted(registry.delete("shop")) == ["ranker", "tagger"]
-    assert registry.apis() == []
-    assert registry.deployments() == []
+    assert sorted(registry.deployments.delete("shop")) == ["ranker", "tagger"]
+    assert registry.deployments.apis() == []
+    assert registry.deployments.names() == []
     with pytest.raises(DeployError, match='no deployment named "shop"'):
-        registry.delete("shop")
+        registry.deployments.delete("shop")
 
 
 def test_dry_run_prints_every_default_without_a_stack(tmp_path, monkeypatch):
@@ -225,7 +225,8 @@ def test_cli_deploy_then_redeploy_reports_versions(redis_url, tmp_path):
     again = subprocess.run(inferq_command("deploy", str(project)),
                            capture_output=True, text=True, timeout=60, check=False)
     assert 'is up to date' in again.stdout
-    listed = subprocess.run(inferq_command("get"), capture_output=True, text=True, timeout=60, check=False)
+    listed = subprocess.run(inferq_command("get"), capture_output=True, text=True, timeout=60,
+                            check=False)
     assert "classifier" in listed.stdout
 
 
@@ -251,8 +252,8 @@ def test_queued_requests_survive_a_restart_of_the_embedded_redis(tmp_path, repli
         with Client(server.url) as client:
             client.submit("classifier", {"sepal_length": 5.1, "sepal_width": 3.5,
                                          "petal_length": 1.4, "petal_width": 0.2})
-            reply_to = Registry.reply_key(client.id)
-        assert registry.queue_length("inferq.classifier") == 1
+            reply_to = keys.reply(client.id)
+        assert registry.queues.length("inferq.classifier") == 1
         registry.close()
     finally:
         server.stop()
@@ -261,10 +262,10 @@ def test_queued_requests_survive_a_restart_of_the_embedded_redis(tmp_path, repli
     server.start()
     try:
         registry = Registry(server.url)
-        assert registry.queue_length("inferq.classifier") == 1  # still queued
+        assert registry.queues.length("inferq.classifier") == 1  # still queued
         replicas.registry, replicas.redis_url = registry, server.url
         replicas.start("classifier")
-        reply = wait_until(lambda: registry.pop_replies(reply_to, timeout=1), 30,
+        reply = wait_until(lambda: registry.queues.pop_replies(reply_to, timeout=1), 30,
                            what="the queued request answered after the restart")
         assert reply[0]["result"] == "setosa"
         replicas.stop_all()

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 sklearn = pytest.importorskip("sklearn")
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
+from sklearn.datasets import load_iris  # noqa: E402  (after the skip when it is missing)
+from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "examples" / "iris"
 MODEL = EXAMPLE / "model.json"
@@ -51,7 +51,7 @@ def iris():
 
 def _sample(row) -> dict:
     keys = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
-    return {k: float(v) for k, v in zip(keys, row)}
+    return {k: float(v) for k, v in zip(keys, row, strict=True)}
 
 
 def test_shipped_sample_is_setosa(predictor):

@@ -1,4 +1,4 @@
-"""The gateway over real HTTP: every answer of PRODUCT.md §3, against real replicas.
+"""The gateway over real HTTP: every answer of the README's "HTTP" table, against real replicas.
 
 The gateway runs as ``inferq gateway`` in a subprocess, replicas as ``inferq worker``
 processes, all on a private Redis; every process is stopped by PID in a fixture teardown.
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Replicas, inferq_command, write_project
-from services import Gateway
+from helpers import Gateway, Replicas, assert_json, inferq_command, post, write_project
 
-from inferq import Client, UnknownAPI
+from inferq import Client, UnknownAPI, keys
 from inferq.deploy import deploy
 from inferq.processes import wait_until
 from inferq.registry import Registry
@@ -90,22 +89,11 @@ def recorded(record: Path) -> list:
     return [json.loads(line) for line in record.read_text().splitlines()]
 
 
-def post(url: str, payload, **kwargs) -> requests.Response:
-    return requests.post(url, data=json.dumps(payload), timeout=kwargs.pop("timeout", 30),
-                         headers={"Content-Type": "application/json"}, **kwargs)
-
-
-def assert_json(response: requests.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"] == "application/json"
-    return response.json()
-
-
 def hold_replica(gateway_url: str, registry: Registry, release: Path, pool: ThreadPoolExecutor,
                  *, ident: str = "held"):
     """Make the API's one replica busy until ``release`` exists; return the request's future."""
     held = pool.submit(post, gateway_url, {"id": ident, "hold": str(release)}, timeout=60)
-    wait_until(lambda: registry.in_flight("echo"), 30, what="the replica predicting")
+    wait_until(lambda: registry.queues.in_flight("echo"), 30, what="the replica predicting")
     return held
 
 
@@ -239,7 +227,7 @@ def test_metrics_have_series_only_for_deployed_apis(registry, start_gateway, tmp
 
     assert apis_in_metrics() == {"echo"}
     assert metric(gateway, "inferq_requests_total", api="echo", code="2xx") == 1
-    registry.delete("shop")
+    registry.deployments.delete("shop")
     assert apis_in_metrics() == set()  # a deleted API's series go with it
 
 
@@ -274,7 +262,7 @@ def test_routes_follow_deploys_redeploys_and_deletes_without_a_restart(registry,
     assert_json(post(gateway.url + "/shop/echo", {"x": 2}), 404)
     assert assert_json(post(gateway.url + "/moved", {"x": 3}), 200) == {"echo": {"x": 3}}
 
-    registry.delete("shop")
+    registry.deployments.delete("shop")
     assert_json(post(gateway.url + "/moved", {"x": 4}), 404)
     assert_json(requests.get(gateway.url + "/moved", timeout=10), 404)
 
@@ -291,7 +279,7 @@ def test_a_full_queue_answers_503_with_retry_after(registry, replicas, start_gat
     with ThreadPoolExecutor(4) as pool:
         held = hold_replica(url, registry, release, pool)
         queued = pool.submit(post, url, {"id": "queued"})
-        wait_until(lambda: registry.queue_length("inferq.echo") == 1, 30,
+        wait_until(lambda: registry.queues.length("inferq.echo") == 1, 30,
                    what="one request queued")
         full = post(url, {"id": "refused"})
         body = assert_json(full, 503)
@@ -326,7 +314,7 @@ def test_a_timed_out_request_is_504_and_never_runs_later(registry, replicas, sta
     # taken (and dropped) the timed-out one before it.
     assert assert_json(post(url, {"id": "after"}), 200) == {"echo": {"id": "after"}}
     assert [s["id"] for s in recorded(record)] == ["held", "after"]
-    assert registry.queue_length("inferq.echo") == 0
+    assert registry.queues.length("inferq.echo") == 0
 
 
 def test_a_request_whose_client_went_away_is_withdrawn(registry, replicas, start_gateway,
@@ -345,7 +333,7 @@ def test_a_request_whose_client_went_away_is_withdrawn(registry, replicas, start
                 b"POST /shop/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
             )
-            wait_until(lambda: registry.queue_length("inferq.echo") == 1, 30,
+            wait_until(lambda: registry.queues.length("inferq.echo") == 1, 30,
                        what="the abandoned request queued")
         # The gateway notices the closed connection and withdraws the request (answering it
         # 499, which nobody reads, counted as a 4xx).
@@ -505,8 +493,8 @@ def test_a_request_sent_again_after_a_broken_connection_is_queued_once(registry,
     """The sync path's queueing is idempotent: a gateway whose connection broke mid-call
     (queued or not?) sends the same request again once the broker answers."""
     deploy_echo(registry, tmp_path)
-    args = ("inferq.echo", '{"m": 1}', "req-1", Registry.reply_key("c:req-1"), 0.01)
-    first = registry.call(*args, changes=registry.changes(), limit=10, ttl=60)
-    again = registry.call(*args, changes=registry.changes(), limit=10, ttl=60)
+    args = ("inferq.echo", '{"m": 1}', "req-1", keys.reply("c:req-1"), 0.01)
+    first = registry.queues.call(*args, changes=registry.deployments.changes(), limit=10, ttl=60)
+    again = registry.queues.call(*args, changes=registry.deployments.changes(), limit=10, ttl=60)
     assert first[0] == again[0] == "queued"
-    assert registry.queue_length("inferq.echo") == 1
+    assert registry.queues.length("inferq.echo") == 1

@@ -8,8 +8,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import write_project
-from test_gateway import assert_json, post
+from helpers import assert_json, post, write_project
 
 from inferq.deploy import deploy
 from inferq.processes import wait_until
@@ -91,7 +90,7 @@ def test_good_and_bad_requests_in_one_batch_each_get_their_own_answer(
     samples = [{"id": n} if n % 3 else {"id": n, "fail": f"bad sample {n}"} for n in range(6)]
     with ThreadPoolExecutor(max_workers=6) as pool:
         responses = list(pool.map(lambda s: post(url, s), samples))
-    for sample, response in zip(samples, responses):
+    for sample, response in zip(samples, responses, strict=True):
         if "fail" in sample:
             body = assert_json(response, 500)
             assert body["error"] == f"prediction failed: bad sample {sample['id']}"

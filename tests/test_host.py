@@ -3,6 +3,7 @@ measured on real process trees (busy, idle, grandchildren, children that exit)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -15,7 +16,6 @@ import psutil
 import pytest
 
 from inferq.processes import spawn, stop, wait_until
-from inferq.stack import host_name
 from inferq.scaler.host import (
     Capacity,
     Nvml,
@@ -26,6 +26,7 @@ from inferq.scaler.host import (
     declared_capacity,
     detect_capacity,
 )
+from inferq.stack import host_name
 
 GiB = 1024**3
 MiB = 1024**2
@@ -103,10 +104,8 @@ class Tree:
             members = []
         stop(self.process, timeout=5)
         for member in members:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()  # psutil checks the PID still names the same process
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(members, timeout=5)
 
 
@@ -270,7 +269,7 @@ def test_nvml_without_a_driver_reports_nothing_and_never_raises():
             assert nvml.gpus() == []
             assert nvml.utilization([0, 1]) is None
             assert nvml.process_gpu_memory([os.getpid()]) == 0
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=use) for _ in range(8)]

@@ -7,7 +7,7 @@ import subprocess
 import threading
 import time
 
-from conftest import inferq_command, write_project
+from helpers import inferq_command, write_project
 
 from inferq import Client, InferqError
 from inferq.deploy import deploy
@@ -44,9 +44,9 @@ def two_apis(tmp_path):
 
 def live_by_host(registry, api: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for record in registry.replicas(api):
-        if record["status"] == "live":
-            counts[record["host"]] = counts.get(record["host"], 0) + 1
+    for record in registry.replicas.of(api):
+        if record.status == "live":
+            counts[record.host] = counts.get(record.host, 0) + 1
     return counts
 
 
@@ -59,22 +59,22 @@ def test_two_hosts_share_the_work_and_a_vanished_host_is_replaced(
                what="3 live CPU replicas on host-b")
     # ...and A joining takes nothing over: the CPU API has exactly 3 replicas in all.
     scalers.start("host-a", gpus=0)
-    wait_until(lambda: "host-a" in registry.hosts(), 30, what="host-a registered")
+    wait_until(lambda: "host-a" in registry.hosts.all(), 30, what="host-a registered")
     # The GPU API runs only on B, one GPU each; the third waits with the reason.
     wait_until(lambda: live_by_host(registry, "gpu-api") == {"host-b": 2}, 60,
                what="2 GPU replicas on host-b")
-    gpu_replicas = [r for r in registry.replicas("gpu-api") if r["status"] == "live"]
-    assert sorted(tuple(r["gpus"]) for r in gpu_replicas) == [(0,), (1,)]
+    gpu_replicas = [r for r in registry.replicas.of("gpu-api") if r.status == "live"]
+    assert sorted(tuple(r.gpus) for r in gpu_replicas) == [(0,), (1,)]
     status = wait_until(
-        lambda: "host-a:" in ((s := registry.status("gpu-api"))["reason"] or "") and s, 10,
+        lambda: "host-a:" in ((s := registry.replicas.status("gpu-api")).reason or "") and s, 10,
         what="gpu-api's reason names both hosts",
     )
-    assert status["status"] == "compute unavailable"
-    assert "1 replica(s) cannot be placed" in status["reason"]
-    assert "host-a: needs gpu 1, host has 0" in status["reason"]
+    assert status.status == "compute unavailable"
+    assert "1 replica(s) cannot be placed" in status.reason
+    assert "host-a: needs gpu 1, host has 0" in status.reason
     time.sleep(1.5)  # several scaler rounds: still exactly 3, no host started an extra one
     assert sum(live_by_host(registry, "cpu-api").values()) == 3
-    assert len(registry.replicas("cpu-api")) == 3
+    assert len(registry.replicas.of("cpu-api")) == 3
 
     listed = subprocess.run(inferq_command("get", "--hosts"), capture_output=True, text=True,
                             timeout=60, check=True).stdout
@@ -82,7 +82,8 @@ def test_two_hosts_share_the_work_and_a_vanished_host_is_replaced(
     hosts = {h["host"]: h for h in json.loads(subprocess.run(
         inferq_command("get", "--hosts", "--output", "json"), capture_output=True, text=True,
         timeout=60, check=True).stdout)}
-    assert hosts["host-b"]["capacity"]["gpus"] == [0, 1] and hosts["host-a"]["capacity"]["gpus"] == []
+    assert hosts["host-b"]["capacity"]["gpus"] == [0, 1]
+    assert hosts["host-a"]["capacity"]["gpus"] == []
     assert hosts["host-b"]["replicas"] == {"cpu-api": 3, "gpu-api": 2}
     table = subprocess.run(inferq_command("get"), capture_output=True, text=True, timeout=60,
                            check=True).stdout
@@ -122,22 +123,23 @@ def test_two_hosts_share_the_work_and_a_vanished_host_is_replaced(
     assert not errors, errors[:3]
     assert moved_in < 15, f"the CPU replicas moved in {moved_in:.1f}s"
     # With host-b gone, nothing can run the GPU API: it says so.
-    assert set(registry.hosts()) == {"host-a"}
+    assert set(registry.hosts.all()) == {"host-a"}
     status = wait_until(
-        lambda: (s := registry.status("gpu-api"))["reason"].endswith("host has 0") and s, 20,
+        lambda: (s := registry.replicas.status("gpu-api")).reason.endswith("host has 0") and s, 20,
         what="gpu-api waits for a GPU host after host-b left",
     )
-    assert status["status"] == "compute unavailable"
-    assert status["reason"] == "3 replica(s) cannot be placed: needs gpu 1, host has 0"
+    assert status.status == "compute unavailable"
+    assert status.reason == "3 replica(s) cannot be placed: needs gpu 1, host has 0"
 
 
 def test_a_new_host_lets_waiting_replicas_start(registry, scalers, tmp_path):
     deploy(two_apis(tmp_path), registry)
     scalers.start("host-a", gpus=0)
-    wait_until(lambda: registry.status("gpu-api")
-               and registry.status("gpu-api")["status"] == "compute unavailable", 30,
+    wait_until(lambda: registry.replicas.status("gpu-api")
+               and registry.replicas.status("gpu-api").status == "compute unavailable", 30,
                what="gpu-api waits for a GPU host")
     scalers.start("host-b", gpus=3)
     wait_until(lambda: live_by_host(registry, "gpu-api") == {"host-b": 3}, 90,
                what="3 GPU replicas on the new host")
-    wait_until(lambda: registry.status("gpu-api")["status"] == "live", 10, what="gpu-api live")
+    wait_until(lambda: registry.replicas.status("gpu-api").status == "live", 10,
+               what="gpu-api live")

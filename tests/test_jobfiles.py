@@ -6,18 +6,20 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import S3_PART_MIN_BYTES
 
 from inferq import JobError
-from inferq.jobfiles import (
+from inferq.jobs.files import (
     Position,
-    default_output,
     dead_letter_of,
+    default_output,
     open_sink,
     open_source,
 )
 
 
-def chunks(source, position=Position(), **kwargs):
+def chunks(source, position=None, **kwargs):
+    position = Position() if position is None else position
     size = kwargs.pop("batch_size", 3)
     settings = {"number": 0, "first": 0, "size_of": lambda n: size, "max_bytes": 1 << 20,
                 **kwargs}
@@ -110,9 +112,8 @@ def test_outputs_default_beside_the_input():
 
 
 def test_an_s3_output_goes_on_with_the_same_multipart_upload(s3, monkeypatch):
-    from s3server import S3_PART_MIN_BYTES
 
-    from inferq import jobfiles
+    from inferq.jobs import files as jobfiles
 
     monkeypatch.setattr(jobfiles, "PART_BYTES", S3_PART_MIN_BYTES)
     s3.create_bucket(Bucket="out")
@@ -132,9 +133,8 @@ def test_an_s3_output_goes_on_with_the_same_multipart_upload(s3, monkeypatch):
 
 
 def test_an_s3_output_completed_by_a_driver_that_then_died_stays_whole(s3, monkeypatch):
-    from s3server import S3_PART_MIN_BYTES
 
-    from inferq import jobfiles
+    from inferq.jobs import files as jobfiles
 
     monkeypatch.setattr(jobfiles, "PART_BYTES", S3_PART_MIN_BYTES)
     s3.create_bucket(Bucket="out")

@@ -13,12 +13,11 @@ import signal
 import subprocess
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import requests
-from conftest import inferq_command, write_project
-from s3server import S3_PART_MIN_BYTES
-from services import Scalers
+from helpers import S3_PART_MIN_BYTES, Scalers, inferq_command, write_project
 
 from inferq import Client, JobError, UnknownAPI
 from inferq.deploy import deploy
@@ -225,7 +224,7 @@ def test_a_job_goes_on_on_another_host_when_its_host_is_lost(registry, scalers, 
                        window=64)
     wait_until(lambda: job.status()["done"] >= 200, 60, what="the job under way on host-a")
     scalers.start("host-b")
-    wait_until(lambda: "host-b" in registry.hosts(), 30, what="host-b up")
+    wait_until(lambda: "host-b" in registry.hosts.all(), 30, what="host-b up")
 
     driver = client.jobs.require(job.id).driver
     scalers.kill("host-a")
@@ -327,7 +326,7 @@ def test_sync_requests_do_not_wait_behind_a_running_job(
 
     def sample_depth() -> None:
         while not sampling.is_set():
-            depths.append(registry.queue_length("inferq.scorer"))
+            depths.append(registry.queues.length("inferq.scorer"))
             sampling.wait(0.002)
 
     sampler = threading.Thread(target=sample_depth)
@@ -345,7 +344,7 @@ def test_sync_requests_do_not_wait_behind_a_running_job(
     # one chunk waiting (2 replicas), and at times the one sync request behind it
     assert max(depths) <= 2, Counter(depths)
 
-    order = [int(line) for line in open(predicted) if line.strip()]
+    order = [int(line) for line in Path(predicted).read_text().splitlines() if line.strip()]
     for k in range(10):
         sent, answered = order.index(-1 - k), order.index(100_000 + k)
         ahead = [i for i in order[sent:answered] if 0 <= i < 4000]
@@ -376,7 +375,7 @@ def test_inferq_get_shows_a_running_job_beside_the_apis(registry, scalers, clien
 def test_a_job_scales_an_idle_api_from_zero(registry, scalers, client, tmp_path):
     deploy_scorer(registry, tmp_path, compute="{min_replicas: 0, max_replicas: 1, cpu: 100m}")
     scalers.start()
-    wait_until(lambda: (s := registry.status("scorer")) and s["status"] == "stopped", 60,
+    wait_until(lambda: (s := registry.replicas.status("scorer")) and s.status == "stopped", 60,
                what="the API stopped at zero replicas")
     source = tmp_path / "in.jsonl"
     write_samples(source, 200)
@@ -398,13 +397,13 @@ def test_bad_submissions_are_refused_before_a_job_exists(registry, client, s3, t
         client.batch("scorer", str(source), str(source))
     s3.create_bucket(Bucket="data")
     s3.put_object(Bucket="data", Key="in/a.jsonl", Body=b'{"id": 1, "x": 1}\n')
-    with pytest.raises(JobError, match="no .jsonl object under it"):
+    with pytest.raises(JobError, match=r"no \.jsonl object under it"):
         client.batch("scorer", "s3://data/empty/")
     with pytest.raises(JobError, match='bucket "nobucket" does not exist'):
         client.batch("scorer", "s3://data/in/", "s3://nobucket/out.jsonl")
     with pytest.raises(JobError, match="under the input prefix"):
         client.batch("scorer", "s3://data/in/", "s3://data/in/out.jsonl")
-    assert client.jobs.list() == []
+    assert client.jobs.newest() == []
     with pytest.raises(JobError, match="no batch job 'nope'"):
         client.job("nope")
 
@@ -437,7 +436,7 @@ def test_a_slow_predictor_gets_small_chunks_so_sync_requests_wait_little(
             log.write(f"{-1 - k}\n")
         assert gateway.post("/shop/scorer", {"id": 100_000 + k, "x": 1}).status_code == 200
     assert job.status()["status"] == "running"
-    order = [int(line) for line in open(predicted) if line.strip()]
+    order = [int(line) for line in Path(predicted).read_text().splitlines() if line.strip()]
     for k in range(5):
         sent, answered = order.index(-1 - k), order.index(100_000 + k)
         ahead = [i for i in order[sent:answered] if 0 <= i < 400]
@@ -452,7 +451,7 @@ def test_a_slow_predictor_gets_small_chunks_so_sync_requests_wait_little(
     (lambda n: 0.010 * n, 1),  # predict at 10 ms a sample: one sample a chunk
 ])
 def test_chunk_sizes_follow_what_a_chunk_costs(cost, expected):
-    from inferq.jobdriver import ChunkSizer
+    from inferq.jobs.driver import ChunkSizer
 
     sizer = ChunkSizer(64)
     for _ in range(40):
@@ -462,7 +461,7 @@ def test_chunk_sizes_follow_what_a_chunk_costs(cost, expected):
 
 
 def test_a_chunk_size_found_slow_in_a_busy_moment_is_tried_again_later():
-    from inferq.jobdriver import SIZER_RETRY, ChunkSizer
+    from inferq.jobs.driver import SIZER_RETRY, ChunkSizer
 
     sizer = ChunkSizer(64)
     for _ in range(10):

@@ -132,7 +132,8 @@ def test_missing_bucket_is_reported(s3, cache):
 
 def test_empty_prefix_is_reported(s3, bucket, cache):
     s3.put_object(Bucket=bucket, Key="other/model.pkl", Body=b"x")
-    with pytest.raises(ModelDownloadError, match=r"s3://models/empty/: no objects under the prefix"):
+    with pytest.raises(ModelDownloadError,
+                       match=r"s3://models/empty/: no objects under the prefix"):
         fetch("s3://models/empty/", cache)
 
 

@@ -1,7 +1,7 @@
 """inferq ships one top-level package, so a project's own ``configs`` or ``workers`` wins.
 
 The repository keeps its folders (gateway/, workers/, scaler/, configs/); installed, they are
-``inferq.gateway``, ``inferq.workers``, ... (PITFALLS.md: generic top-level names collide with
+``inferq.gateway``, ``inferq.workers``, ... (generic top-level names collide with
 the user's project modules, which share the interpreter in a replica).
 """
 
@@ -15,8 +15,7 @@ import zipfile
 from pathlib import Path
 
 import requests
-from conftest import ROOT, write_project
-from test_up import run_up, up_env  # noqa: F401  (fixtures)
+from helpers import ROOT, write_project
 
 from inferq.processes import wait_until
 from inferq.stack import free_port
@@ -75,7 +74,7 @@ def test_python_m_inferq_resolves_inferqs_modules_from_any_directory(tmp_path):
     assert version.returncode == 0, version.stderr
 
 
-def test_a_project_with_its_own_configs_and_workers_is_served_by_inferq_up(run_up, tmp_path):  # noqa: F811
+def test_a_project_with_its_own_configs_and_workers_is_served_by_inferq_up(run_up, tmp_path):
     project = write_project(tmp_path / "clash", """\
         - kind: deployment
           name: clash

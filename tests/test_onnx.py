@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import ONNX_IRIS_HANDLER
 from onnx import TensorProto, helper
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
@@ -23,28 +24,6 @@ from inferq.workers.onnx import OnnxPredictor
 from inferq.workers.predictor import import_file
 
 # Cortex v0.11's ONNX iris request handler (examples/sklearn/iris-classifier), verbatim.
-IRIS_HANDLER = """
-import numpy as np
-
-labels = ["iris-setosa", "iris-versicolor", "iris-virginica"]
-
-
-def pre_inference(sample, signature, metadata):
-    return {
-        signature[0].name: [
-            sample["sepal_length"],
-            sample["sepal_width"],
-            sample["petal_length"],
-            sample["petal_width"],
-        ]
-    }
-
-
-def post_inference(prediction, signature, metadata):
-    predicted_class_id = prediction[0][0]
-    return labels[predicted_class_id]
-"""
-
 LABELS = ["iris-setosa", "iris-versicolor", "iris-virginica"]
 
 
@@ -113,11 +92,11 @@ def test_single_input_list_sample_predicts_like_sklearn(iris):
 
 def test_v011_iris_request_handler_runs_unchanged(iris, tmp_path):
     path, model, features = iris
-    handler = _handler(tmp_path, IRIS_HANDLER)
+    handler = _handler(tmp_path, ONNX_IRIS_HANDLER)
     predictor = OnnxPredictor(path, handler, {}, api="iris")
     for row in features[[0, 60, 120]]:
         sample = dict(zip(("sepal_length", "sepal_width", "petal_length", "petal_width"),
-                          row.tolist()))
+                          row.tolist(), strict=True))
         assert predictor.predict(sample) == LABELS[int(model.predict(row[None])[0])]
 
 
@@ -203,7 +182,7 @@ def test_array_of_the_wrong_kind_from_pre_inference_is_rejected(iris, tmp_path):
 
 
 def test_exception_in_a_handler_names_the_file_and_function(iris, tmp_path):
-    handler = _handler(tmp_path, IRIS_HANDLER, name="iris_handler.py")
+    handler = _handler(tmp_path, ONNX_IRIS_HANDLER, name="iris_handler.py")
     predictor = OnnxPredictor(iris[0], handler, {}, api="iris")
     with pytest.raises(PredictionError) as caught:
         predictor.predict({"sepal_length": 5.1})

@@ -10,13 +10,13 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-from conftest import inferq_command, write_project
+from helpers import inferq_command, write_project
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferq import Client
 from inferq.deploy import deploy
 from inferq.processes import wait_until
-from inferq.registry import TRACKER_CLASSES_KEPT
+from inferq.registry.telemetry import TRACKER_CLASSES_KEPT
 
 PREDICTOR = """
 def predict(sample, metadata):
@@ -54,7 +54,7 @@ def inferq(*args: str, gateway=None) -> subprocess.CompletedProcess:
 
 
 def live(registry, api):
-    return wait_until(lambda: any(r["status"] == "live" for r in registry.replicas(api)), 60,
+    return wait_until(lambda: any(r.status == "live" for r in registry.replicas.of(api)), 60,
                       what=f"{api} live")
 
 
@@ -127,7 +127,7 @@ def test_a_free_text_classifier_keeps_100_short_classes_and_a_readable_inferq_ge
     stats = json.loads(inferq("get", "labels", "--output", "json").stdout)[0]["tracker"]
     assert len(stats["classes"]) == TRACKER_CLASSES_KEPT and stats["other"] == 51
     assert stats["classes"]["x" * 63 + "…"] == 1
-    assert list(stats["classes"].items())[0] == ("class-7", 6)  # most frequent first
+    assert next(iter(stats["classes"].items())) == ("class-7", 6)  # most frequent first
     assert sum(stats["classes"].values()) + stats["other"] == 156
 
     shown = inferq("get", "labels")
@@ -145,13 +145,13 @@ def test_a_free_text_classifier_keeps_100_short_classes_and_a_readable_inferq_ge
 def test_replicas_tracking_at_once_never_keep_more_than_100_classes(registry):
     def track(replica: int) -> None:
         for n in range(60):
-            registry.track_class("busy", f"replica-{replica}-label-{n}")
+            registry.telemetry.track_class("busy", f"replica-{replica}-label-{n}")
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(track, range(8)))
-    stats = registry.tracker_stats("busy")
-    assert len(stats["classes"]) == TRACKER_CLASSES_KEPT
-    assert sum(stats["classes"].values()) + stats["other"] == 8 * 60
+    stats = registry.telemetry.tracker_stats("busy")
+    assert len(stats.classes) == TRACKER_CLASSES_KEPT
+    assert sum(stats.classes.values()) + stats.other == 8 * 60
 
 
 def test_regression_tracker_keeps_count_min_max_and_mean(registry, scalers, tmp_path):

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_example, write_project
-from test_onnx import IRIS_HANDLER as ONNX_HANDLER  # Cortex v0.11's, verbatim
+from helpers import ONNX_IRIS_HANDLER, copy_example, write_project
 
+from inferq import keys
 from inferq.client import Client
 from inferq.deploy import deploy
 from inferq.errors import PredictionError
 from inferq.processes import wait_until
-from inferq.workers.messages import queue_name
-from inferq.workers.supervisor import EXIT_INIT_FAILED
+from inferq.registry import EXIT_INIT_FAILED, ReplicaRecord
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 SETOSA = {"sepal_length": 5.2, "sepal_width": 3.6, "petal_length": 1.4, "petal_width": 0.3}
@@ -106,8 +105,8 @@ def _start(replicas, api: str, count: int) -> list[subprocess.Popen]:
     return processes
 
 
-def _record_of(registry, api: str, process: subprocess.Popen) -> dict:
-    return next(r for r in registry.replicas(api) if r["id"].endswith(f"-{process.pid}"))
+def _record_of(registry, api: str, process: subprocess.Popen) -> ReplicaRecord:
+    return next(r for r in registry.replicas.of(api) if r.id.endswith(f"-{process.pid}"))
 
 
 def _import_example_predictor(project: Path):
@@ -143,7 +142,7 @@ def test_iris_example_answers_predict_submit_and_a_10000_sample_map_in_input_ord
     rows = load_iris().data
     rng = np.random.default_rng(3)
     picked = rows[rng.integers(0, len(rows), 10_000)] + rng.normal(0, 0.3, (10_000, 4))
-    samples = [dict(zip(FEATURES, map(float, row))) for row in picked]
+    samples = [dict(zip(FEATURES, map(float, row), strict=True)) for row in picked]
     host = _import_example_predictor(project)
     expected = [host.predict(s, None) for s in samples]
     assert set(expected) == {"setosa", "versicolor", "virginica"}
@@ -204,7 +203,7 @@ def faulty(tmp_path, registry, replicas):
 
 def test_a_raising_predict_fails_its_request_only_naming_the_api_message_and_map_index(
         faulty, client, registry):
-    child = _record_of(registry, "faulty", faulty)["pid"]
+    child = _record_of(registry, "faulty", faulty).pid
     with pytest.raises(PredictionError) as caught:
         client.predict("faulty", {"kind": "raise", "value": "x"})
     assert caught.value.api == "faulty"
@@ -213,8 +212,8 @@ def test_a_raising_predict_fails_its_request_only_naming_the_api_message_and_map
     # the replica lives on, in the same process, and serves the next request
     assert client.predict("faulty", {"value": 21}) == 42
     assert faulty.poll() is None
-    assert _record_of(registry, "faulty", faulty)["pid"] == child
-    assert registry.in_flight("faulty") == {}
+    assert _record_of(registry, "faulty", faulty).pid == child
+    assert registry.queues.in_flight("faulty") == {}
 
     samples = [{"value": i} for i in range(20)]
     samples[13] = {"kind": "raise", "value": 13}
@@ -315,13 +314,13 @@ def test_a_predictor_that_cannot_start_stops_its_replica_with_the_file_and_trace
 
     for api, process in processes.items():
         assert process.wait(timeout=60) == EXIT_INIT_FAILED, f"{api}:\n{replicas.log(process)}"
-        (record,) = registry.replicas(api)
-        assert record["status"] == "error", api
-        assert record["id"].endswith(f"-{process.pid}")
+        (record,) = registry.replicas.of(api)
+        assert record.status == "error", api
+        assert record.id.endswith(f"-{process.pid}")
         for expected in BROKEN[api][2]:
-            assert expected in record["error"], f"{api}: {record['error']}"
+            assert expected in record.error, f"{api}: {record.error}"
             assert expected in replicas.log(process), api
-        assert registry.in_flight(api) == {}
+        assert registry.queues.in_flight(api) == {}
 
 
 # -- replicas dying mid-request -----------------------------------------------------------------
@@ -335,14 +334,14 @@ def test_a_killed_prediction_is_answered_once_by_another_replica_within_predict_
     future = client.submit("slow", sample)
 
     def predicting():
-        busy = registry.in_flight("slow")
-        return next((r for r in registry.replicas("slow")
-                     if future.task_id in busy.get(r["id"], [])), None)
+        busy = registry.queues.in_flight("slow")
+        return next((r for r in registry.replicas.of("slow")
+                     if future.task_id in busy.get(r.id, [])), None)
 
     record = wait_until(predicting, 10, what="a replica predicting the request")
     wait_until(lambda: _runs(recording, "start", "a"), 10, what="predict() started")
-    assert _runs(recording, "start", "a") == [record["pid"]]
-    os.kill(record["pid"], signal.SIGKILL)  # the serving process, as the OOM killer would
+    assert _runs(recording, "start", "a") == [record.pid]
+    os.kill(record.pid, signal.SIGKILL)  # the serving process, as the OOM killer would
     killed_at = time.monotonic()
 
     # its supervisor notices the death at once and puts the request back for the other one
@@ -352,10 +351,10 @@ def test_a_killed_prediction_is_answered_once_by_another_replica_within_predict_
     assert prediction == {"id": "a", "pid": _runs(recording, "done", "a")[0]}
     assert len(_runs(recording, "start", "a")) == 2
     assert len(_runs(recording, "done", "a")) == 1
-    killed = first if record["id"].endswith(f"-{first.pid}") else second
+    killed = first if record.id.endswith(f"-{first.pid}") else second
     assert killed.wait(timeout=10) == 128 + signal.SIGKILL  # the scaler starts a new one
     assert "1 request(s) put back" in replicas.log(killed)
-    assert registry.in_flight("slow") == {}
+    assert registry.queues.in_flight("slow") == {}
     assert [client.predict("slow", {"id": f"b{i}"}, timeout=10)["id"] for i in range(2)] == [
         "b0", "b1"]
     assert len(_runs(recording, "done", "a")) == 1
@@ -376,12 +375,12 @@ def test_a_request_whose_retry_is_killed_too_fails_clearly_and_never_runs_a_thir
         future.result(timeout=10)
     assert caught.value.api == "slow"
     assert "died while predicting, and again when the request was retried" in str(caught.value)
-    assert registry.in_flight("slow") == {}
+    assert registry.queues.in_flight("slow") == {}
 
     # A new replica serves "b" and nothing else: no third run of "a" was queued.
     _start(replicas, "slow", 1)
     assert client.predict("slow", {"id": "b", "sleep": 0.5}, timeout=10)["id"] == "b"
-    assert registry.queue_length(queue_name("slow")) == 0
+    assert registry.queues.length(keys.queue("slow")) == 0
     assert _runs(recording, "start", "a") == [pid, retry]
     assert _runs(recording, "done", "a") == []
 
@@ -393,7 +392,7 @@ def test_sigterm_is_a_warm_shutdown_that_answers_the_current_request(
     current = client.submit("slow", {"id": "current", "held_runs": 1, "gate": str(gate)})
     wait_until(lambda: _runs(recording, "start", "current"), 10, what="predict() started")
     waiting = client.submit("slow", {"id": "waiting"})
-    assert registry.queue_length(queue_name("slow")) == 1
+    assert registry.queues.length(keys.queue("slow")) == 1
 
     process.send_signal(signal.SIGTERM)
     wait_until(lambda: "Warm shutdown" in replicas.log(process), 10, what="a warm shutdown")
@@ -404,9 +403,9 @@ def test_sigterm_is_a_warm_shutdown_that_answers_the_current_request(
     assert len(_runs(recording, "done", "current")) == 1
     # the stopping replica took no new request: the queued one waits for another replica
     assert _runs(recording, "start", "waiting") == []
-    assert registry.queue_length(queue_name("slow")) == 1
-    assert registry.replicas("slow") == []
-    assert registry.in_flight("slow") == {}
+    assert registry.queues.length(keys.queue("slow")) == 1
+    assert registry.replicas.of("slow") == []
+    assert registry.queues.in_flight("slow") == {}
 
     _start(replicas, "slow", 1)
     assert waiting.result(timeout=10)["id"] == "waiting"
@@ -420,16 +419,16 @@ def test_a_new_replica_takes_queued_work_at_once_while_the_first_is_busy(
     wait_until(lambda: _runs(recording, "start", "long"), 10, what="the long request started")
     queued = [client.submit("slow", {"id": f"q{i}"}) for i in range(3)]
     # the busy replica holds only the task it runs (no prefetched message hidden from others)
-    assert registry.queue_length(queue_name("slow")) == 3
+    assert registry.queues.length(keys.queue("slow")) == 3
 
     (fresh,) = _start(replicas, "slow", 1)
-    child = _record_of(registry, "slow", fresh)["pid"]
+    child = _record_of(registry, "slow", fresh).pid
     assert [f.result(timeout=15) for f in queued] == [{"id": f"q{i}", "pid": child}
                                                         for i in range(3)]
     assert not long.done()
     gate.touch()
     assert long.result(timeout=10) == {"id": "long",
-                                       "pid": _record_of(registry, "slow", busy)["pid"]}
+                                       "pid": _record_of(registry, "slow", busy).pid}
 
 
 # -- models from S3, ONNX, plain Celery ----------------------------------------------------------
@@ -480,13 +479,13 @@ def test_an_onnx_model_is_served_with_a_v011_request_handler(tmp_path, registry,
       onnx:
         model: iris.onnx
         request_handler: handler.py
-    """, {"handler.py": ONNX_HANDLER})
+    """, {"handler.py": ONNX_IRIS_HANDLER})
     (project / "iris.onnx").write_bytes(exported.SerializeToString())
     deploy(project, registry)
     _start(replicas, "onnx-classifier", 1)
 
     rows = features[::10]
-    samples = [dict(zip(FEATURES, map(float, row))) for row in rows]
+    samples = [dict(zip(FEATURES, map(float, row), strict=True)) for row in rows]
     names = ["iris-setosa", "iris-versicolor", "iris-virginica"]
     expected = [names[i] for i in model.predict(rows.astype(np.float32))]
     assert list(client.map("onnx-classifier", samples)) == expected

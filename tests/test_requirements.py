@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import inferq_command, write_project
+from helpers import inferq_command, write_project
 from wheels import make_testpkg
 
 from inferq import Client
 from inferq.deploy import deploy
 from inferq.processes import wait_until
+from inferq.registry import Failure, FailureKind, ReplicaRecord, ReplicaStatus
 from inferq.scaler.status import judge
 from inferq.workers import requirements
 
@@ -78,8 +79,8 @@ def installs(log: str) -> int:
 
 def wait_status(registry, api: str, status: str, timeout: float = 60) -> dict:
     return wait_until(
-        lambda: (s := registry.status(api)) and s["status"] == status and s,
-        timeout, what=f'{api} is "{status}" (now {registry.status(api)})',
+        lambda: (s := registry.replicas.status(api)) and s.status == status and s,
+        timeout, what=f'{api} is "{status}" (now {registry.replicas.status(api)})',
     )
 
 
@@ -140,7 +141,7 @@ def test_concurrent_installs_on_one_host_install_once(tmp_path, wheelhouse):
 def test_an_installer_failure_keeps_its_last_lines(tmp_path, monkeypatch, wheelhouse):
     monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "home"))
     (tmp_path / "requirements.txt").write_text("inferq-testpkg==3.0\n")
-    with pytest.raises(requirements.RequirementsError, match="inferq-testpkg==3.0") as caught:
+    with pytest.raises(requirements.RequirementsError, match=r"inferq-testpkg==3\.0") as caught:
         requirements.prepare(tmp_path, api="x")
     assert caught.value.kind == "requirements"
     assert str(caught.value).startswith('api "x": requirements.txt could not be installed')
@@ -159,9 +160,10 @@ def test_a_requirement_against_a_package_the_replica_runs_on_fails_and_says_why(
 
 
 def test_judge_says_installing_and_error_requirements():
-    creating = {"status": "creating", "version": "v1", "detail": requirements.INSTALLING}
+    creating = ReplicaRecord("h-1", ReplicaStatus.CREATING, version="v1",
+                             detail=requirements.INSTALLING)
     assert judge("v1", 1, None, [creating], []) == ("creating", "installing requirements")
-    failure = {"kind": "requirements", "message": "could not be installed\nno version", "at": 1}
+    failure = Failure(FailureKind.REQUIREMENTS, "could not be installed\nno version", 1, "h")
     assert judge("v1", 1, None, [creating], [failure]) == (
         "error (requirements)", "could not be installed\nno version")
 
@@ -220,9 +222,9 @@ def test_a_predictor_importing_a_package_only_its_requirements_name_is_served(
         deploy(project(tmp_path / "p", "shop", "ranker",
                        f"--no-index\n--find-links {server.url}\ninferq-testpkg==1.0\n"), registry)
         scalers.start()
-        wait_until(lambda: (registry.status("ranker") or {}).get("reason")
+        wait_until(lambda: (s := registry.replicas.status("ranker")) and s.reason
                    == "installing requirements", 60, what="installing requirements")
-        assert registry.status("ranker")["status"] == "creating"
+        assert registry.replicas.status("ranker").status == "creating"
         get = subprocess.run(inferq_command("get", "ranker"), capture_output=True, text=True,
                              timeout=30, check=False)
         assert "creating (installing requirements)" in get.stdout, get.stdout + get.stderr
@@ -274,20 +276,20 @@ def test_an_uninstallable_requirement_is_error_requirements_until_the_file_is_fi
     deploy(folder, registry)
     scalers.start()
     status = wait_status(registry, "ranker", "error (requirements)")
-    assert "inferq-testpkg==3.0" in status["reason"], status
+    assert "inferq-testpkg==3.0" in status.reason, status
     env = {**os.environ, "INFERQ_BROKER_URL": redis_url}
     get = subprocess.run(inferq_command("get", "ranker"), capture_output=True, text=True,
                          env=env, timeout=30, check=False)
     assert "error (requirements)" in get.stdout and "inferq-testpkg==3.0" in get.stdout, get.stdout
     wait_until(lambda: any("uv:" in line and "inferq-testpkg==3.0" in line
-                           for *_, line in registry.last_logs("ranker", 200)),
+                           for *_, line in registry.telemetry.last_logs("ranker", 200)),
                10, what="the installer's lines in the API's logs")
     logs = subprocess.run(inferq_command("logs", "ranker", "--no-follow"), capture_output=True,
                           text=True, env=env, timeout=30, check=False)
     assert "inferq-testpkg==3.0" in logs.stdout, logs.stdout + logs.stderr
     # Restarts back off (1 s, 2 s, 4 s ...) and the status keeps its reason meanwhile.
     wait_until(lambda: scalers.log().count("started replica") >= 3, 30, what="3 attempts")
-    assert registry.status("ranker")["status"] == "error (requirements)"
+    assert registry.replicas.status("ranker").status == "error (requirements)"
     (folder / "requirements.txt").write_text("inferq-testpkg==2.0\n")
     deploy(folder, registry)
     wait_status(registry, "ranker", "live", timeout=30)

@@ -7,12 +7,12 @@ import signal
 import threading
 
 import pytest
-from conftest import write_project
+from helpers import write_project
 
 from inferq import Client, PredictionError
+from inferq.cli.tables import snapshot
 from inferq.deploy import deploy
 from inferq.processes import wait_until
-from inferq.status import snapshot
 
 PREDICTOR = """
 import os, time
@@ -53,8 +53,8 @@ def project(tmp_path, compute: str, metadata: str = "{}", name: str = "svc",
 
 def live(registry, api: str, version: str | None = None) -> list[dict]:
     return [
-        r for r in registry.replicas(api)
-        if r["status"] == "live" and (version is None or r.get("version") == version)
+        r for r in registry.replicas.of(api)
+        if r.status == "live" and (version is None or r.version == version)
     ]
 
 
@@ -68,8 +68,8 @@ def wait_live(registry, api: str, count: int, timeout: float = 60, exactly=True)
 
 def wait_status(registry, api: str, status: str, timeout: float = 60) -> dict:
     return wait_until(
-        lambda: (s := registry.status(api)) and s["status"] == status and s,
-        timeout, what=f'{api} is "{status}" (now {registry.status(api)})',
+        lambda: (s := registry.replicas.status(api)) and s.status == status and s,
+        timeout, what=f'{api} is "{status}" (now {registry.replicas.status(api)})',
     )
 
 
@@ -86,7 +86,7 @@ def test_init_replicas_start_then_the_api_settles_at_min_replicas(registry, scal
     wait_live(registry, "work", 2)
     wait_status(registry, "work", "live", timeout=5)
     wait_live(registry, "work", 1, timeout=30)
-    assert registry.status("work")["requested"] == 1
+    assert registry.replicas.status("work").requested == 1
 
 
 def test_a_backlog_scales_up_to_max_and_the_quiet_after_it_scales_down(
@@ -99,7 +99,7 @@ def test_a_backlog_scales_up_to_max_and_the_quiet_after_it_scales_down(
     wait_live(registry, "work", 3, timeout=30)
     answered_by = {f.result(timeout=60)["pid"] for f in futures}
     assert len(answered_by) == 3  # the new replicas took queued work
-    assert len(registry.replicas("work")) <= 3  # never above max_replicas
+    assert len(registry.replicas.of("work")) <= 3  # never above max_replicas
     wait_live(registry, "work", 1, timeout=40)
 
 
@@ -109,7 +109,7 @@ def test_min_replicas_zero_scales_from_zero_when_a_request_waits(
                              "downscale_stabilization_period: 2s}"), registry)
     scalers.start()
     wait_status(registry, "work", "stopped")
-    assert registry.replicas("work") == []
+    assert registry.replicas.of("work") == []
     assert client.predict("work", {}, timeout=60)["version"] == "v1"  # waited, did not fail
     wait_status(registry, "work", "stopped", timeout=30)
 
@@ -118,15 +118,15 @@ def test_a_gpu_api_on_a_host_without_gpus_is_compute_unavailable(registry, scale
     deploy(project(tmp_path, "{gpu: 1}"), registry)
     scalers.start(gpus=0)
     status = wait_status(registry, "work", "compute unavailable")
-    assert "needs gpu 1, host has 0" in status["reason"]
-    assert registry.replicas("work") == []
+    assert "needs gpu 1, host has 0" in status.reason
+    assert registry.replicas.of("work") == []
 
 
 def test_gpu_replicas_each_get_their_own_gpu(registry, scalers, client, tmp_path):
     deploy(project(tmp_path, "{gpu: 1, min_replicas: 2, max_replicas: 3}"), registry)
     scalers.start(gpus=2)
     replicas = wait_live(registry, "work", 2)
-    assert sorted(tuple(r["gpus"]) for r in replicas) == [(0,), (1,)]
+    assert sorted(r.gpus for r in replicas) == [(0,), (1,)]
     seen = {}
     futures = [client.submit("work", {"sleep": 0.2}) for _ in range(8)]
     for future in futures:
@@ -136,7 +136,7 @@ def test_gpu_replicas_each_get_their_own_gpu(registry, scalers, client, tmp_path
     # A third replica would need a third GPU: it waits, and the status says why.
     deploy(project(tmp_path, "{gpu: 1, min_replicas: 3, max_replicas: 3}"), registry)
     status = wait_status(registry, "work", "compute unavailable")
-    assert "needs gpu 1, host has 0 free (2 in total)" in status["reason"]
+    assert "needs gpu 1, host has 0 free (2 in total)" in status.reason
 
 
 def test_a_replica_over_its_mem_request_is_stopped_and_the_api_recovers(
@@ -146,12 +146,12 @@ def test_a_replica_over_its_mem_request_is_stopped_and_the_api_recovers(
     (first,) = wait_live(registry, "work", 1)
     future = client.submit("work", {"hog": 600, "sleep": 30}, timeout=60)
     status = wait_status(registry, "work", "error (out of memory)", timeout=30)
-    assert "400Mi" in status["reason"]
+    assert "400Mi" in status.reason
     with pytest.raises(PredictionError, match="ran out of memory while predicting"):
         future.result(timeout=10)  # answered at once, not after the request's timeout
     wait_status(registry, "work", "live", timeout=60)
     (second,) = live(registry, "work")
-    assert second["id"] != first["id"]
+    assert second.id != first.id
 
 
 def test_an_init_failure_shows_error_with_the_traceback_and_backs_off(
@@ -159,8 +159,8 @@ def test_an_init_failure_shows_error_with_the_traceback_and_backs_off(
     deploy(project(tmp_path, "{min_replicas: 1}", metadata="{fail: true}"), registry)
     scalers.start()
     status = wait_status(registry, "work", "error")
-    assert "RuntimeError: init failed on purpose" in status["reason"]
-    assert "predictor.py" in status["reason"]
+    assert "RuntimeError: init failed on purpose" in status.reason
+    assert "predictor.py" in status.reason
     # Restarts back off (1 s, 2 s, 4 s ...): no tight crash loop.
     wait_until(lambda: scalers.log().count("started replica") >= 3, 30, what="3 attempts")
     starts = scalers.log().count("started replica")
@@ -171,9 +171,9 @@ def test_a_killed_replica_is_replaced(registry, scalers, client, tmp_path):
     deploy(project(tmp_path, "{min_replicas: 1}"), registry)
     scalers.start()
     (first,) = wait_live(registry, "work", 1)
-    os.kill(first["replica_pid"], signal.SIGKILL)
+    os.kill(first.replica_pid, signal.SIGKILL)
     wait_until(
-        lambda: [r for r in live(registry, "work") if r["id"] != first["id"]], 30,
+        lambda: [r for r in live(registry, "work") if r.id != first.id], 30,
         what="a new replica live",
     )
     assert client.predict("work", {}, timeout=30)["version"] == "v1"
@@ -192,16 +192,16 @@ def test_a_replica_killed_mid_request_has_its_request_answered_by_the_other(
     future = client.submit("work", {"sleep": 1.0, "gate": str(gate)}, timeout=30)
 
     def holder():
-        busy = registry.in_flight("work")
-        return next((r for r in registry.replicas("work")
-                     if future.task_id in busy.get(r["id"], [])), None)
+        busy = registry.queues.in_flight("work")
+        return next((r for r in registry.replicas.of("work")
+                     if future.task_id in busy.get(r.id, [])), None)
 
     record = wait_until(holder, 10, what="a replica predicting the request")
-    os.kill(record[process], signal.SIGKILL)  # held: it cannot have answered
+    os.kill(getattr(record, process), signal.SIGKILL)  # held: it cannot have answered
     gate.touch()
     answer = future.result(timeout=1.0 + 5)
-    assert answer["pid"] != record["pid"]  # the other replica answered
-    assert registry.in_flight("work", [record["id"]]) == {}
+    assert answer["pid"] != record.pid  # the other replica answered
+    assert registry.queues.in_flight("work", [record.id]) == {}
     wait_live(registry, "work", 2)  # and the killed one is replaced
 
 
@@ -224,9 +224,9 @@ def test_a_redeploy_rolls_over_without_a_failed_request(registry, scalers, gatew
         wait_until(lambda: len(answers) >= 5, 30, what="requests flowing")
         project(tmp_path, "{min_replicas: 2, max_replicas: 2}", metadata="{version: v2}")
         deploy(folder, registry)
-        version = registry.api("work").version
+        version = registry.deployments.api("work").version
         wait_until(lambda: len(live(registry, "work", version)) == 2
-                   and len(registry.replicas("work")) == 2, 60, what="rolled over")
+                   and len(registry.replicas.of("work")) == 2, 60, what="rolled over")
         count = len(answers)
         wait_until(lambda: len(answers) >= count + 5, 30, what="requests after the rollout")
     finally:
@@ -243,16 +243,17 @@ def test_delete_drains_the_replicas_and_forgets_the_api(registry, scalers, clien
     scalers.start()
     replicas = wait_live(registry, "work", 2)
     held = client.submit("work", {"sleep": 3})
-    wait_until(lambda: registry.in_flight("work"), 10, what="a request in flight")
-    registry.delete("svc")
+    wait_until(lambda: registry.queues.in_flight("work"), 10, what="a request in flight")
+    registry.deployments.delete("svc")
     rows = wait_until(lambda: [r for r in snapshot(registry) if r["status"] == "stopping"], 10,
                       what="the deleted API shows as stopping")
     assert rows[0]["api"] == "work"
     assert held.result(timeout=30)["version"] == "v1"  # the request it held was answered
-    wait_until(lambda: not registry.replicas("work") and registry.status("work") is None, 30,
+    wait_until(lambda: not registry.replicas.of("work")
+               and registry.replicas.status("work") is None, 30,
                what="replicas drained and the API forgotten")
     from inferq.processes import pid_alive
-    wait_until(lambda: not any(pid_alive(r["replica_pid"]) for r in replicas), 30,
+    wait_until(lambda: not any(pid_alive(r.replica_pid) for r in replicas), 30,
                what="replica processes gone")
 
 
@@ -263,10 +264,10 @@ def test_a_killed_scaler_leaves_no_replica_and_its_successor_adopts_nothing(
     old = wait_live(registry, "work", 2)
     scalers.kill("host-a")
     from inferq.processes import pid_alive
-    wait_until(lambda: not any(pid_alive(r["pid"]) or pid_alive(r["replica_pid"]) for r in old),
+    wait_until(lambda: not any(pid_alive(r.pid) or pid_alive(r.replica_pid) for r in old),
                20, what="replicas died")
     scalers.start()
-    old_ids = {r["id"] for r in old}
-    wait_until(lambda: len([r for r in live(registry, "work") if r["id"] not in old_ids]) == 2,
+    old_ids = {r.id for r in old}
+    wait_until(lambda: len([r for r in live(registry, "work") if r.id not in old_ids]) == 2,
                60, what="2 new replicas live")
-    assert not old_ids & {r["id"] for r in registry.replicas("work")}  # nothing adopted
+    assert not old_ids & {r.id for r in registry.replicas.of("work")}  # nothing adopted

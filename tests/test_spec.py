@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import EXAMPLES, write_project
+from helpers import EXAMPLES, write_project
 
 from inferq.configs import (
     Api,
@@ -404,7 +404,7 @@ def test_a_server_side_batching_block_reports_each_of_its_problems(tmp_path, mon
     text = api(predictor=f"path: predictor.py; server_side_batching: {block}")
     found = problems(tmp_path, monkeypatch, text)
     assert len(found) == len(expected), found
-    assert all(line.startswith(start) for line, start in zip(found, expected)), found
+    assert all(line.startswith(start) for line, start in zip(found, expected, strict=True)), found
 
 
 def test_a_missing_cortex_yaml_names_the_folder(tmp_path):
@@ -673,7 +673,7 @@ def test_cpu_of_a_fifth_is_200m():
                                    0.1 + 0.2,
                                    float("inf"), float("nan"), "1e99"])
 def test_parse_cpu_refuses(value):
-    with pytest.raises(ValueError, match="CPU|millicore|negative|range"):
+    with pytest.raises(ValueError, match=r"CPU|millicore|negative|range"):
         parse_cpu(value)
 
 
@@ -699,7 +699,7 @@ def test_format_mem_picks_the_shortest_exact_form():
 
 @pytest.mark.parametrize("value", [True, "-1", -1, "1.5", 0.5, "12Zi", "1e-3", "1m", "lots"])
 def test_parse_mem_refuses(value):
-    with pytest.raises(ValueError, match="memory|bytes|negative"):
+    with pytest.raises(ValueError, match=r"memory|bytes|negative"):
         parse_mem(value)
 
 
@@ -719,5 +719,5 @@ def test_format_duration_prefers_seconds_then_milliseconds():
 
 @pytest.mark.parametrize("value", [True, "-1s", -1, "soon", "5d", None])
 def test_parse_duration_refuses(value):
-    with pytest.raises(ValueError, match="duration|negative"):
+    with pytest.raises(ValueError, match=r"duration|negative"):
         parse_duration(value)

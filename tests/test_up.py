@@ -4,75 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import threading
-
 from pathlib import Path
 
 import psutil
-import pytest
 import requests
-from conftest import copy_example, inferq_command, write_project
+from helpers import copy_example, inferq_command, write_project
 
-from inferq.processes import pid_alive, spawn, stop, wait_until
+from inferq.processes import pid_alive, wait_until
 from inferq.stack import free_port
-
-
-class UpProcess:
-    """``inferq up`` in the background, its output collected line by line."""
-
-    def __init__(self, args: list[str], env: dict[str, str], *, command: list[str] | None = None,
-                 cwd: str | None = None) -> None:
-        self.process = spawn(command or inferq_command("up", *args), env=env, cwd=cwd,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.process.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 60) -> None:
-        def seen():
-            if text in self.output():
-                return True
-            if self.process.poll() is not None:
-                raise AssertionError(f"inferq up exited:\n{self.output()}")
-            return False
-
-        wait_until(seen, timeout, what=f"{text!r} in inferq up's output")
-
-    def interrupt(self) -> int:
-        self.process.send_signal(signal.SIGINT)
-        code = self.process.wait(timeout=60)
-        self._reader.join(timeout=10)
-        return code
-
-
-@pytest.fixture
-def up_env(tmp_path, monkeypatch):
-    monkeypatch.delenv("INFERQ_BROKER_URL", raising=False)
-    monkeypatch.setenv("INFERQ_HOME", str(tmp_path / "home"))
-    return {**os.environ}
-
-
-@pytest.fixture
-def run_up(up_env):
-    started: list[UpProcess] = []
-
-    def start(*args: str, command: list[str] | None = None, cwd: str | None = None) -> UpProcess:
-        up = UpProcess(list(args), up_env, command=command, cwd=cwd)
-        started.append(up)
-        return up
-
-    yield start
-    for up in started:
-        stop(up.process, sig=signal.SIGINT, timeout=30)
 
 
 def _post(url: str, sample) -> object:
@@ -199,9 +139,10 @@ def test_a_killed_embedded_redis_is_restarted_and_no_request_is_lost(run_up, up_
         held = pool.submit(requests.post, url, json={"id": "held", "hold": str(release)},
                            timeout=60)
         broker = stack_registry(up_env)
-        wait_until(lambda: broker.in_flight("held"), 30, what="the replica holding a request")
+        wait_until(lambda: broker.queues.in_flight("held"), 30,
+                   what="the replica holding a request")
         queued = pool.submit(requests.post, url, json={"id": "queued"}, timeout=60)
-        wait_until(lambda: broker.queue_length("inferq.held") == 1, 30, what="one queued")
+        wait_until(lambda: broker.queues.length("inferq.held") == 1, 30, what="one queued")
         redis_server.kill()
         up.wait_for("the embedded Redis is back", timeout=30)
         health = f"http://127.0.0.1:{port}/healthz"

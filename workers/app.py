@@ -1,7 +1,7 @@
 """The Celery side of inferq, configured in one place.
 
 Every API has its own queue; every replica consumes only its API's queue and runs the one
-task ``inferq.predict`` (the message format: ``inferq.workers.messages``). Plain Celery
+task ``inferq.predict`` (the message format: ``inferq.messages``). Plain Celery
 clients get the prediction from the result backend (the same Redis, results expire after an
 hour); inferq's own clients (gateway, ``inferq.Client``) get it pushed to their reply list.
 """

@@ -31,11 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-import boto3
-import botocore
 import botocore.exceptions
 from boto3.exceptions import RetriesExceededError
-from botocore.config import Config
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -45,6 +42,7 @@ from tenacity import (
 )
 
 from inferq.errors import ModelDownloadError
+from inferq.s3 import error_code, http_status, s3_client, s3_problem
 
 log = logging.getLogger("inferq.models")
 
@@ -134,11 +132,11 @@ class _S3Model:
                 head = self._call(self.client.head_object, Bucket=self.bucket, Key=self.key)
                 return [_Object(self.key, "", head["ETag"])], PurePosixPath(self.key).name
             except botocore.exceptions.ClientError as exc:
-                if _status(exc) not in (403, 404):
+                if http_status(exc) not in (403, 404):
                     raise self._client_error(exc) from exc
                 # a key may be a prefix; 403 is also S3's answer for a missing key to
                 # someone who may not list the bucket, so the listing decides
-                denied = exc if _status(exc) == 403 else None
+                denied = exc if http_status(exc) == 403 else None
         prefix = self.key if is_prefix else self.key + "/"
         objects = self._list_prefix(prefix)
         if not objects and denied is not None:
@@ -192,7 +190,8 @@ class _S3Model:
             wait=wait_exponential(multiplier=0.5, max=8),
             before_sleep=lambda state: log.warning(
                 'api "%s": %s: %s; retrying (attempt %d of %d)', self.api, self.url,
-                state.outcome.exception(), state.attempt_number + 1, ATTEMPTS),
+                state.outcome and state.outcome.exception(), state.attempt_number + 1,
+                ATTEMPTS),
             reraise=True,
         )
         try:
@@ -213,48 +212,13 @@ class _S3Model:
         return ModelDownloadError(f'api "{self.api}": model {self.url}: {message}')
 
 
-def s3_client(attempts: int = 1) -> Any:
-    """An S3 client from boto3's configuration; unsigned when no credentials are found.
-
-    ``attempts``: boto3's own tries per call (model downloads retry with tenacity instead,
-    so there boto3's retries would only multiply the attempts)."""
-    session = boto3.session.Session()
-    config = Config(retries={"total_max_attempts": attempts, "mode": "standard"},
-                    connect_timeout=5, read_timeout=30)
-    if session.get_credentials() is None:
-        config = config.merge(Config(signature_version=botocore.UNSIGNED))
-    return session.client("s3", config=config)
-
-
-def s3_problem(exc: botocore.exceptions.ClientError, bucket: str, *, denied: str,
-               missing: str = "key") -> str:
-    """What an S3 error means, for a message: the bucket or key is missing, access is denied
-    (``denied`` says what to check), or S3's own code and message. ``missing``: what a bare
-    404 means (a HEAD answer has no body to say)."""
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    if code == "NoSuchBucket" or (code in ("404", "NotFound") and missing == "bucket"):
-        return f'bucket "{bucket}" does not exist'
-    if code in ("NoSuchKey", "404", "NotFound"):
-        return "no such key"
-    if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId",
-                "SignatureDoesNotMatch", "ExpiredToken"):
-        return f"access denied ({denied})"
-    message = exc.response.get("Error", {}).get("Message") or str(exc)
-    return f"{code}: {message}"
-
-
-def _status(exc: botocore.exceptions.ClientError) -> int:
-    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-
-
 def _transient(exc: BaseException) -> bool:
     """Worth another try: no connection, a timeout, throttling, or a 5xx."""
     if isinstance(exc, (botocore.exceptions.ConnectionError,
                         botocore.exceptions.HTTPClientError, RetriesExceededError)):
         return True
     if isinstance(exc, botocore.exceptions.ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        return _status(exc) >= 500 or _status(exc) == 429 or code in _THROTTLED
+        return http_status(exc) >= 500 or http_status(exc) == 429 or error_code(exc) in _THROTTLED
     return False
 
 

@@ -66,7 +66,8 @@ class OnnxPredictor:
         self._post: Callable[..., Any] | None = None
         if handler is not None:
             # v0.11 called each of them only if defined (util.has_function); both are optional.
-            self._pre = check_callable(handler, "pre_inference", ("sample", "signature", "metadata"),
+            self._pre = check_callable(handler, "pre_inference",
+                                       ("sample", "signature", "metadata"),
                                        label=self.handler_label, required=False)
             self._post = check_callable(handler, "post_inference",
                                         ("prediction", "signature", "metadata"),
@@ -154,7 +155,8 @@ class OnnxPredictor:
                 api=self.api,
             ) from None
 
-    def _call_handler(self, func: Callable[..., Any], name: str, value: Any, signature: list[Any]) -> Any:
+    def _call_handler(self, func: Callable[..., Any], name: str, value: Any,
+                      signature: list[Any]) -> Any:
         try:
             return func(value, signature, self.metadata)
         except Exception as exc:

@@ -2,9 +2,9 @@
 
 ``predictor.py`` defines ``predict(sample, metadata)`` (required),
 ``init(model_path, metadata)`` (optional) and, beyond v0.11, ``predict_batch(samples,
-metadata)`` (optional: a list of samples in, a list of predictions out). A syntax error, an exception at import or in
-``init``, a missing ``predict`` or a signature that cannot take those arguments is a
-:class:`PredictorError` naming the file, with the traceback.
+metadata)`` (optional: a list of samples in, a list of predictions out). A syntax error, an
+exception at import or in ``init``, a missing ``predict`` or a signature that cannot take
+those arguments is a :class:`PredictorError` naming the file, with the traceback.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class PythonPredictor:
 
 def _user_traceback(exc: BaseException, path: Path) -> str:
     """The traceback from the first frame of the user's project on (inferq's frames add noise)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames: list[traceback.FrameSummary] = list(traceback.extract_tb(exc.__traceback__))
     project = str(path.parent)
     for index, frame in enumerate(frames):
         if frame.filename.startswith(project):

@@ -18,26 +18,21 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inferq.configs import Api
 from inferq import stack
 from inferq.bundle import unpack
+from inferq.configs import Api
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
-from inferq.registry import DeployedApi, Registry
+from inferq.messages import Outcome
+from inferq.registry import DeployedApi, FailureKind, Registry, ReplicaStatus
 from inferq.workers import requirements
 from inferq.workers.models import fetch_model
 from inferq.workers.predictor import PythonPredictor, import_file
 from inferq.workers.tracker import PredictionTracker
 
 log = logging.getLogger("inferq.replica")
-
-
-def replica_id(pid: int | None = None, host: str | None = None) -> str:
-    """A replica's id: its host and the PID of its worker's main process."""
-    return f"{host or stack.host_name()}-{pid or os.getpid()}"
 
 
 class Replica:
@@ -78,7 +73,7 @@ class Replica:
         started = time.perf_counter()
         try:
             predictions = self.predictor.predict_batch(samples)
-        except Exception:  # noqa: BLE001  (the user's code: anything may come)
+        except Exception:
             if not self._batch_failed_once:
                 self._batch_failed_once = True
                 log.exception('api "%s": predict_batch() raised; predicting each sample alone '
@@ -133,19 +128,11 @@ def _batch_problem(predictions: Any, expected: int) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """One sample's answer: its prediction (``result``) or ``error``."""
-
-    result: Any = None
-    error: str | None = None
-
-
 def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
     """Load ``api_name`` as deployed now and return a live replica (see the module doc)."""
     deployed = resolve(api_name, registry)
-    registry.set_replica(
-        api_name, replica, status="creating", host=stack.host_name(),
+    registry.replicas.update(
+        api_name, replica, status=ReplicaStatus.CREATING, host=stack.host_name(),
         pid=os.getpid(),  # the process that predicts (the serving process)
         replica_pid=os.getppid(),  # its supervisor: the replica itself
         version=deployed.version, error=None,
@@ -156,20 +143,21 @@ def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
         add_python_path(project, deployed.api)
         predictor = load_predictor(deployed.api, project)
     except PredictorError as exc:
-        registry.set_replica(api_name, replica, status="error", error=str(exc),
-                             failure=exc.kind, detail=None)
+        registry.replicas.update(api_name, replica, status=ReplicaStatus.ERROR, error=str(exc),
+                                 failure=FailureKind(exc.kind), detail=None)
         raise
-    registry.set_replica(api_name, replica, status="live", live_at=time.time(), detail=None)
+    registry.replicas.update(api_name, replica, status=ReplicaStatus.LIVE, live_at=time.time(),
+                             detail=None)
     log.info('api "%s": replica %s is live (version %s)', api_name, replica, deployed.version)
     tracker = deployed.api.tracker
     return Replica(
         deployed, predictor, replica,
-        PredictionTracker(api_name, tracker, registry) if tracker is not None else None,
+        PredictionTracker(api_name, tracker) if tracker is not None else None,
     )
 
 
 def resolve(api_name: str, registry: Registry) -> DeployedApi:
-    deployed = registry.api(api_name)
+    deployed = registry.deployments.api(api_name)
     if deployed is None:
         raise UnknownAPI(f'no API named "{api_name}" is deployed')
     return deployed
@@ -180,7 +168,7 @@ def fetch_bundle(deployed: DeployedApi, registry: Registry) -> Path:
     cached = stack.cache_dir("bundles") / deployed.bundle
     if cached.is_dir():
         return cached
-    data = registry.get_bundle(deployed.bundle)
+    data = registry.deployments.get_bundle(deployed.bundle)
     if data is None:
         raise PredictorError(
             f'api "{deployed.name}": bundle {deployed.bundle[:12]} is missing from the registry; '
@@ -196,7 +184,7 @@ def install_requirements(project: Path, api_name: str, registry: Registry, repli
     says so: ``creating``, detail "installing requirements".
     """
     def installing() -> None:
-        registry.set_replica(api_name, replica, detail=requirements.INSTALLING)
+        registry.replicas.update(api_name, replica, detail=requirements.INSTALLING)
 
     folder = requirements.prepare(project, api=api_name, on_install=installing)
     if folder is not None:
@@ -204,8 +192,8 @@ def install_requirements(project: Path, api_name: str, registry: Registry, repli
 
 
 def add_python_path(project: Path, api: Api) -> None:
-    spec = api.predictor or api.onnx
-    folder = str((project / spec.python_path).resolve())
+    python_path = api.predictor.python_path if api.predictor else api.onnx_spec.python_path
+    folder = str((project / python_path).resolve())
     if folder not in sys.path:
         sys.path.insert(0, folder)
 
@@ -218,15 +206,17 @@ def load_predictor(api: Api, project: Path) -> Any:
         return PythonPredictor(
             project / spec.path, label=spec.path, model_path=model_path, metadata=spec.metadata
         )
-    from inferq.workers.onnx import OnnxPredictor  # onnxruntime is heavy: only ONNX replicas load it
+    from inferq.workers.onnx import (
+        OnnxPredictor,  # onnxruntime is heavy: only ONNX replicas load it
+    )
 
-    spec = api.onnx
+    onnx = api.onnx_spec
     handler = None
-    if spec.request_handler:
-        handler = import_file(project / spec.request_handler, label=spec.request_handler)
+    if onnx.request_handler:
+        handler = import_file(project / onnx.request_handler, label=onnx.request_handler)
     return OnnxPredictor(
-        _model(api, spec.model, project), handler, spec.metadata, api=api.name,
-        handler_label=spec.request_handler, model_label=spec.model,
+        _model(api, onnx.model, project), handler, onnx.metadata, api=api.name,
+        handler_label=onnx.request_handler, model_label=onnx.model,
     )
 
 

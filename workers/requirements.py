@@ -31,6 +31,7 @@ README. It reads its own configuration from the environment (``UV_INDEX_URL``,
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import hashlib
 import importlib
@@ -234,22 +235,22 @@ def _run(command: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[int | N
 
     def kill() -> None:
         timed_out.set()
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # uv and any build it started
-        except ProcessLookupError:
-            pass
 
     timer = threading.Timer(TIMEOUT_SECONDS, kill)
     timer.daemon = True
     timer.start()
     try:
-        for raw in iter(process.stdout.readline, b""):
+        output = process.stdout
+        assert output is not None  # started with stdout=PIPE
+        for raw in iter(output.readline, b""):
             line = raw.decode(errors="replace").rstrip()
             if line:
                 log.info("uv: %s", line)
                 if not _CHATTER.match(line):
                     tail.append(line)
-        process.stdout.close()
+        output.close()
         code = process.wait()
     finally:
         timer.cancel()

@@ -5,13 +5,14 @@ request crosses one process. This parent takes no part in requests; it exists to
 once (``waitpid``) that the serving process died, whatever killed it (SIGKILL, the OOM
 killer, a crash), and to put back what it held: at the head of the queue for another
 replica, or, when the request had already killed a replica before, answered with a clear
-error (see :meth:`inferq.registry.Registry.recover`). It forwards SIGTERM and SIGINT (a warm
+error (see :meth:`inferq.registry.Queues.recover`). It forwards SIGTERM and SIGINT (a warm
 shutdown: the current request finishes) and exits with the serving process's code. The
 replica's id is this process's: ``<host>-<pid>``, as the scaler sees it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -20,23 +21,19 @@ import sys
 
 import redis
 
+from inferq import keys
 from inferq.errors import UnknownAPI
 from inferq.processes import die_with_parent, spawn
-from inferq.registry import Registry
-from inferq.workers.messages import queue_name
-from inferq.workers.replica import replica_id
+from inferq.registry import EXIT_INIT_FAILED, Registry, replica_id
 
 log = logging.getLogger("inferq.worker")
-
-EXIT_INIT_FAILED = 3  # the serving process's code when the predictor cannot start
-
 
 def supervise(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
     """Run one replica of ``api`` until it stops; return its exit code."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(message)s")
     registry = Registry(broker_url, max_connections=2)
     registry.ping()
-    if registry.api(api) is None:
+    if registry.deployments.api(api) is None:
         raise UnknownAPI(f'no API named "{api}" is deployed (see `inferq get`)')
     replica = replica_id()
     child = spawn(
@@ -47,10 +44,8 @@ def supervise(api: str, broker_url: str, *, loglevel: str = "INFO") -> int:
     )
 
     def forward(signum: int, _frame: object) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             child.send_signal(signal.SIGTERM)  # Celery's warm shutdown
-        except ProcessLookupError:
-            pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the serving process itself
@@ -73,7 +68,7 @@ def _wait(child: subprocess.Popen) -> int:
 def _recover(registry: Registry, api: str, replica: str, code: int) -> None:
     """The serving process died: put back what it held (it cannot answer any more)."""
     try:
-        requeued, failed = registry.recover(api, replica, queue_name(api))
+        requeued, failed = registry.queues.recover(api, replica, keys.queue(api))
     except redis.RedisError as exc:  # the scaler recovers it when the broker is back
         log.error('api "%s": replica %s died (%s) and the broker is unreachable (%s)',
                   api, replica, _describe(code), exc)
@@ -83,10 +78,8 @@ def _recover(registry: Registry, api: str, replica: str, code: int) -> None:
 
 
 def _forget(registry: Registry, api: str, replica: str) -> None:
-    try:
-        registry.remove_replica(api, replica)
-    except redis.RedisError:
-        pass  # the scaler forgets it
+    with contextlib.suppress(redis.RedisError):  # the scaler forgets it
+        registry.replicas.remove(api, replica)
 
 
 def _describe(code: int) -> str:

@@ -6,9 +6,9 @@ count, min, max and mean of the float values. Every prediction a replica makes i
 whichever way its request arrived. A prediction that cannot be tracked is logged once per
 reason and never fails the request.
 
-Classes are bounded (see :meth:`Registry.track_class`): a label is kept to 64 characters, an
-API to 100 classes, and labels past those are counted together as "other", so a predictor
-that answers free text cannot fill Redis or ``inferq get``.
+Classes are bounded (see :meth:`inferq.registry.Telemetry.track_commands`): a label is kept
+to 64 characters, an API to 100 classes, and labels past those are counted together as
+"other", so a predictor that answers free text cannot fill Redis or ``inferq get``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from collections import Counter
 from typing import Any
 
 from inferq.configs import Tracker
-from inferq.registry import Registry
+from inferq.messages import Command
+from inferq.registry import Telemetry
 
 log = logging.getLogger("inferq.tracker")
 
@@ -50,10 +51,9 @@ class PredictionTracker:
     registry with the replica's acknowledgement of the message (:meth:`take_commands`), so a
     batch of 64 samples costs no round trip of its own, let alone 64."""
 
-    def __init__(self, api: str, tracker: Tracker, registry: Registry) -> None:
+    def __init__(self, api: str, tracker: Tracker) -> None:
         self.api = api
         self.tracker = tracker
-        self.registry = registry
         self._reported: set[str] = set()
         self._classes: Counter[str] = Counter()
         self._values: list[float] = []
@@ -67,13 +67,13 @@ class PredictionTracker:
             return
         if isinstance(value, str):
             self._classes[value] += 1
-        else:
+        elif value is not None:
             self._values.append(value)
 
-    def take_commands(self) -> list[tuple]:
+    def take_commands(self) -> list[Command]:
         """The Redis commands recording what was tracked since the last call."""
         if not self._classes and not self._values:
             return []
-        commands = self.registry.track_commands(self.api, self._classes, self._values)
+        commands = Telemetry.track_commands(self.api, self._classes, self._values)
         self._classes, self._values = Counter(), []
         return commands

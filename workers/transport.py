@@ -2,12 +2,12 @@
 
 kombu's Redis transport takes a message with ``BRPOP`` and only then records it in its
 ``unacked`` hash: a replica killed between the two loses the message, and one killed after it
-leaves the message there until the visibility timeout, an hour later (PITFALLS.md). Here a
+leaves the message there until the visibility timeout, an hour later (celery #5935). Here a
 replica takes its message with ``BLMOVE`` into a list of its own
-(:meth:`inferq.registry.Registry.taken_key`), one atomic step that survives a broker restart
+(``keys.taken``), one atomic step that survives a broker restart
 with AOF, and acknowledges by emptying that list in the same round trip (a MULTI) as its
 reply. Whatever a replica's list holds when it dies is exactly what it held: its supervisor
-or the scaler puts it back (:meth:`~inferq.registry.Registry.recover`), and a replica whose
+or the scaler puts it back (:meth:`inferq.registry.Queues.recover`), and a replica whose
 connection to the broker broke puts it back itself when it consumes again.
 
 Celery selects it with ``broker_transport`` and finds the list's name and the replica's queue
@@ -79,6 +79,9 @@ class Channel(kombu_redis.Channel):
     """kombu's Redis channel, taking messages with BLMOVE (see the module doc)."""
 
     QoS = QoS
+    # kombu's own polling state, which _brpop_start and _brpop_read keep as kombu does.
+    _in_poll: Any
+    _brpop_sent_at: Any  # kombu declares it None, and sets a monotonic time
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,8 +1,9 @@
 """The serving process of a replica: a Celery worker, ``solo`` pool, on the API's queue.
 
 One process does it all, so a request crosses one process, not two (a prefork pool child
-doubles the hops, PITFALLS.md): the predictor is bootstrapped here before Celery's loop
-starts (nothing forks afterwards, so CUDA is safe, celery #3402), and each message is served
+doubles the hops; ARCHITECTURE.md, "Processes"): the predictor is bootstrapped here before
+Celery's loop starts (nothing forks afterwards, so CUDA is safe, celery #3402), and each
+message is served
 in Celery's consumer loop, one at a time, by :func:`_strategy`: decode, predict, and answer
 and acknowledge in one round trip (see ``inferq.workers.transport``). The process that
 watches this one and puts back what it held when it dies is its supervisor
@@ -25,26 +26,23 @@ from celery.worker import pidbox
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer, control
 
+from inferq import keys, messages
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
-from inferq.registry import REPLY_TTL_SECONDS, Registry
+from inferq.messages import TASK_NAME, AsyncStatus, Outcome
+from inferq.registry import EXIT_INIT_FAILED, Registry
 from inferq.workers.app import make_app
-from inferq.workers.messages import TASK_NAME, compact, job_answer
-from inferq.workers.messages import Task as TaskMessage
-from inferq.workers.messages import queue_name
 from inferq.workers.replica import Replica, bootstrap
-from inferq.workers.supervisor import EXIT_INIT_FAILED
 from inferq.workers.transport import QUEUE_OPTION, TAKEN_KEY_OPTION
 
 log = logging.getLogger("inferq.worker")
 
 _replica: Replica | None = None  # the loaded predictor this process serves
-_queue = ""  # its queue
 
 
 def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO") -> int:
     """Bootstrap ``api``'s predictor, then serve its queue until SIGTERM (warm shutdown: the
     current request finishes). Returns the exit code."""
-    global _replica, _queue
+    global _replica
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(message)s")
     registry = Registry(broker_url, max_connections=4)
     registry.ping()
@@ -57,21 +55,20 @@ def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO")
     except (PredictorError, UnknownAPI) as exc:
         log.error("%s", exc)
         return EXIT_INIT_FAILED
-    _queue = queue_name(api)
     app = make_app(broker_url)
     app.conf.update(
         broker_transport="inferq.workers.transport:Transport",
         worker_consumer="inferq.workers.worker:ReplicaConsumer",
         broker_transport_options={
             **app.conf.broker_transport_options,
-            TAKEN_KEY_OPTION: Registry.taken_key(api, replica_id),
-            QUEUE_OPTION: queue_name(api),
+            TAKEN_KEY_OPTION: keys.taken(api, replica_id),
+            QUEUE_OPTION: keys.queue(api),
         },
     )
     register_task(app)
     worker = app.Worker(
         hostname=f"{api}@{replica_id}",
-        queues=[queue_name(api)],
+        queues=[keys.queue(api)],
         pool="solo",
         concurrency=1,
         loglevel=loglevel,
@@ -112,7 +109,7 @@ class ReplicaConsumer(Consumer):
     (after a 13 s outage replicas came back 7 s after the broker)."""
 
     class Blueprint(Consumer.Blueprint):
-        default_steps = [
+        default_steps = [  # noqa: RUF012  (Celery's own attribute, read as it is)
             "inferq.workers.worker:ThreadedControl" if step.endswith("control:Control")
             else step for step in Consumer.Blueprint.default_steps
         ]
@@ -137,14 +134,14 @@ def register_task(app: Celery) -> None:
 
     @app.task(name=TASK_NAME, base=PredictTask, bind=True)
     def predict(self: Any, sample: Any, debug: bool = False) -> Any:  # called directly only
-        return _replica.predict(sample, debug=bool(debug))
+        return _serving().predict(sample, debug=bool(debug))
 
 
 class _Active:
     """The message being predicted, as ``celery inspect active`` shows it (a Celery Request
     would cost more than the prediction; this is what the toolbox reads of one)."""
 
-    def __init__(self, request: TaskMessage, message: Any, hostname: str) -> None:
+    def __init__(self, request: messages.Task, message: Any, hostname: str) -> None:
         self.id = request.id
         self._info = {
             "id": request.id, "name": TASK_NAME, "type": TASK_NAME, "hostname": hostname,
@@ -164,8 +161,23 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
     hostname = consumer.hostname
     dispatcher = consumer.event_dispatcher
     send_event = dispatcher.send if dispatcher is not None and dispatcher.enabled else None
+    replica = _serving()
+    retention = replica.api.compute.async_retention
 
-    def serve(channel: Any, request: TaskMessage, message: Any) -> None:
+    def outcomes(channel: Any, request: messages.Task) -> list[Outcome]:
+        if request.async_state is not None:
+            channel.commands.hset(request.async_state, "status", AsyncStatus.IN_PROGRESS.value)
+        if request.replies is None:
+            return replica.predict_many(request.samples, debug=request.debug)
+        # A batch from inferq's clients: only the samples whose caller still waits.
+        now = time.time()
+        live = [i for i, (_, _, expires_at) in enumerate(request.replies) if expires_at > now]
+        predicted = iter(replica.predict_many([request.samples[i] for i in live],
+                                              debug=request.debug))
+        skipped = Outcome(error="its caller stopped waiting")  # answered to nobody
+        return [next(predicted) if i in live else skipped for i in range(len(request.samples))]
+
+    def serve(channel: Any, request: messages.Task, message: Any) -> None:
         active = _Active(request, message, hostname)
         worker_state.active_requests.add(active)
         started = time.monotonic()
@@ -174,18 +186,9 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
                        retries=0, eta=None, expires=None)
             send_event("task-started", uuid=request.id)
         try:
-            if request.async_state is not None:
-                _serve_async(channel, request)
-            elif request.job is not None:
-                began = time.perf_counter()
-                outcomes = _outcomes(request)
-                _answer_job(channel, request, outcomes, time.perf_counter() - began)
-            elif request.replies is not None:
-                _answer_each(channel, request)
-            elif request.batch:
-                _answer(channel, backend, request, _outcomes(request))
-            else:
-                _answer(channel, backend, request, _predict_one(request))
+            began = time.perf_counter()
+            answered = outcomes(channel, request)
+            _deliver(channel, backend, request, answered, time.perf_counter() - began)
         finally:
             worker_state.active_requests.discard(active)
         if send_event is not None:
@@ -194,112 +197,54 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
 
     def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **__: Any) -> None:
         try:
-            request = TaskMessage.from_message(message)
+            request = messages.Task.from_message(message)
         except (ValueError, TypeError, IndexError, AttributeError) as exc:
             log.error("dropped a message that is not an inferq.predict task: %s", exc)
             message.ack()
             return
         channel = message.channel
-        if request.extra:  # the queue's sample count drops with the acknowledgement
-            channel.send_with_ack("DECRBY", Registry.extra_key(_queue), request.extra)
+        for command in messages.dequeued(request):  # the queue's count drops with the ack
+            channel.send_with_ack(*command)
         if request.expired or request.id in revoked:
             message.ack()  # its caller stopped waiting: it must not run later
             return
         try:
             serve(channel, request, message)
-        except Exception as exc:  # noqa: BLE001  (inferq's bug: answer it, never crash-loop)
+        except Exception as exc:
             log.exception("serving task %s failed", request.id)
             channel.take_with_ack()  # whatever half-built answer there was
-            error = {"error": f"the replica failed to serve the request: {exc!r}"}
-            if request.async_state is not None:
-                channel.send_with_ack("HSET", request.async_state, "status", "failed",
-                                      "error", error["error"])
-            elif request.job is not None:
-                _answer_job(channel, request, [dict(error) for _ in request.samples])
-            elif request.replies is not None:
-                _answer_each(channel, request, error)
-            else:
-                _answer(channel, backend, request, error)
-        for command in _replica.take_tracking():  # statistics ride on the acknowledgement
+            error = Outcome(error=f"the replica failed to serve the request: {exc!r}")
+            for command in messages.dequeued(request):
+                channel.send_with_ack(*command)
+            _deliver(channel, backend, request, [error] * len(request.samples))
+        for command in replica.take_tracking():  # statistics ride on the acknowledgement
             channel.send_with_ack(*command)
         message.ack()
+
+    def _deliver(channel: Any, backend: Any, request: messages.Task, answered: list[Outcome],
+                 took: float | None = None) -> None:
+        """Every sample's answer, sent with the acknowledgement (a plain Celery caller's to
+        Celery's result backend)."""
+        answer = messages.answer(request, answered, replica=replica.id, took=took,
+                                 retention=retention)
+        for command in answer.commands:
+            channel.send_with_ack(*command)
+        result = answer.backend
+        if result is None:
+            return
+        if result.error is not None:
+            backend.store_result(request.id, PredictionError(result.error, api=replica.api.name),
+                                 states.FAILURE)
+        else:
+            backend.store_result(request.id, result.result, states.SUCCESS)
 
     return handle
 
 
-def _predict_one(request: TaskMessage) -> dict[str, Any]:
-    try:
-        return {"result": _replica.predict(request.samples[0], debug=request.debug)}
-    except PredictionError as exc:
-        return {"error": exc.reason}
-
-
-def _outcomes(request: TaskMessage, samples: list[Any] | None = None) -> list[dict[str, Any]]:
-    outcomes = _replica.predict_many(request.samples if samples is None else samples,
-                                     debug=request.debug)
-    return [{"result": o.result} if o.error is None else {"error": o.error, "index": i}
-            for i, o in enumerate(outcomes)]
-
-
-def _answer(channel: Any, backend: Any, request: TaskMessage, reply: Any) -> None:
-    """One answer for the message: to an inferq reply list, or to Celery's result backend."""
-    if request.reply_to and Registry.is_reply_key(request.reply_to):
-        body = {"id": request.id, "replica": _replica.id, "at": time.time()}
-        body.update(reply if isinstance(reply, dict) else {"result": reply})
-        channel.send_with_ack("RPUSH", request.reply_to, compact(body))
-        channel.send_with_ack("EXPIRE", request.reply_to, REPLY_TTL_SECONDS)
-    elif isinstance(reply, dict) and "error" in reply:
-        backend.store_result(request.id, PredictionError(reply["error"], api=_replica.api.name),
-                             states.FAILURE)
-    else:
-        backend.store_result(request.id, reply.get("result") if isinstance(reply, dict)
-                             else reply, states.SUCCESS)
-
-
-def _serve_async(channel: Any, request: TaskMessage) -> None:
-    """An async request: ``in_progress`` now, then its answer in its state hash, kept for the
-    API's ``async_retention``."""
-    key, retention = request.async_state, int(_replica.api.compute.async_retention)
-    channel.commands.hset(key, "status", "in_progress")
-    reply = _predict_one(request)
-    done = ({"status": "completed", "result": compact(reply["result"])} if "error" not in reply
-            else {"status": "failed", "error": reply["error"]})
-    fields = [item for pair in done.items() for item in pair]
-    channel.send_with_ack("HSET", key, *fields, "done_at", time.time())
-    channel.send_with_ack("EXPIRE", key, max(1, retention))
-
-
-def _answer_job(channel: Any, request: TaskMessage, outcomes: list[dict[str, Any]],
-                took: float | None = None) -> None:
-    """A batch job's chunk: its answer into the job's results (with how long it took to
-    predict), and a word to its driver."""
-    job, chunk, first, indexes = request.job
-    answer = job_answer(first, outcomes, indexes, took)
-    for command in Registry.job_answer_commands(job, chunk, answer):
-        channel.send_with_ack(*command)
-
-
-def _answer_each(channel: Any, request: TaskMessage,
-                 error: dict[str, str] | None = None) -> None:
-    """A batch from inferq's clients: each live sample's answer (or ``error``) to its own
-    waiter."""
-    now = time.time()
-    live = [i for i, (_, _, expires_at) in enumerate(request.replies) if expires_at > now]
-    outcomes = ([dict(error) for _ in live] if error is not None
-                else _outcomes(request, [request.samples[i] for i in live]))
-    by_list: dict[str, list[dict[str, Any]]] = {}
-    for i, outcome in zip(live, outcomes):
-        reply_to, request_id, _ = request.replies[i]
-        if not Registry.is_reply_key(reply_to):
-            continue
-        outcome.pop("index", None)
-        by_list.setdefault(reply_to, []).append({"id": request_id, **outcome})
-    for reply_to, answers in by_list.items():
-        # One entry per waiter's list (Client.map: one for the whole batch), not per sample.
-        reply = answers[0] if len(answers) == 1 else {"answers": answers}
-        channel.send_with_ack("RPUSH", reply_to, compact({**reply, "replica": _replica.id,
-                                                        "at": now}))
-        channel.send_with_ack("EXPIRE", reply_to, REPLY_TTL_SECONDS)
+def _serving() -> Replica:
+    if _replica is None:
+        raise RuntimeError("no predictor is loaded in this process (serve() loads it)")
+    return _replica
 
 
 def _quiet_celery(**_: Any) -> None:

@@ -1,6 +1,6 @@
-"""The driver of one batch job: ``python -m inferq.jobdriver JOB_ID TOKEN``.
+"""The driver of one batch job: ``python -m inferq.jobs.driver JOB_ID TOKEN``.
 
-A scaler starts it (:mod:`inferq.scaler.jobs`) once it holds the job's lease (``TOKEN``). The
+A scaler starts it (:mod:`inferq.jobs.runner`) once it holds the job's lease (``TOKEN``). The
 driver reads the input from the job's checkpoint in chunks (up to ``batch_size`` samples,
 sized by :class:`ChunkSizer`) and sends each chunk as one batch message on the API's queue,
 where the API's replicas predict it like any other and store its answer in the job's results
@@ -36,14 +36,14 @@ from typing import Any
 
 import redis
 
+from inferq import keys, messages
 from inferq.errors import JobError
-from inferq.jobfiles import Chunk, LocalSource, Position, open_sink, open_source
-from inferq.jobs import FAILED, STOPPED, SUCCEEDED, WITH_FAILURES, Jobs, JobRecord, this_machine
+from inferq.jobs.files import Chunk, LocalSource, Position, Sink, Source, open_sink, open_source
+from inferq.jobs.records import Checkpoint, ChunkSend, JobRecord, Jobs, JobStatus, this_machine
+from inferq.messages import ChunkAnswer
 from inferq.registry import Registry
-from inferq.workers import messages
-from inferq.workers.messages import queue_name
 
-log = logging.getLogger("inferq.jobdriver")
+log = logging.getLogger("inferq.jobs.driver")
 
 CHUNK_BYTES = 4 << 20  # a chunk also ends once its lines hold this much
 COMMIT_SECONDS = 0.5  # a checkpoint at most this often (and at the end, a stop, an S3 part)
@@ -66,54 +66,76 @@ class _Flight:
     chunk: Chunk
     message: str | None = None  # as this driver queued it (None: not queued by this driver)
     sent_at: float | None = None  # when it was queued, by this driver or an earlier one
-    answer: dict[str, Any] | None = None
+    answer: ChunkAnswer | None = None
+
+
+def drive(registry: Registry, job_id: str, token: str) -> JobStatus | None:
+    """Drive the job that ``token`` holds the lease of to its end, a stop, or a failure; the
+    status it ended with (None when another driver took it over)."""
+    jobs = Jobs(registry)
+    record = jobs.require(job_id)
+    jobs.start_run(job_id, f"{this_machine()}:{os.getpid()}")
+    try:
+        deployed = registry.deployments.api(record.api)
+        if deployed is None:
+            raise JobError(f'api "{record.api}" is not deployed; deploy it and resume the job '
+                           f"(inferq batch submit --resume {job_id})")
+        source = open_source(record.input)
+        output = open_sink(record.output, record.writers.get("output"))
+        dead = open_sink(record.dead_letter, record.writers.get("dead_letter"), lazy=True)
+        return Driver(registry, jobs, record, token, source, output, dead,
+                      retention=deployed.api.compute.async_retention).run()
+    except LeaseLost:
+        log.warning("job %s: another driver took over", job_id)
+        return None
+    except JobError as exc:
+        log.error("job %s failed: %s", job_id, exc)
+        jobs.finish(job_id, token, JobStatus.FAILED, str(exc))
+        return JobStatus.FAILED
 
 
 class Driver:
-    """Drives one job to its end, a stop, or a failure; see the module doc."""
+    """Drives one job from its checkpoint, its input and outputs open; see the module doc."""
 
-    def __init__(self, registry: Registry, job_id: str, token: str) -> None:
+    def __init__(self, registry: Registry, jobs: Jobs, record: JobRecord, token: str,
+                 source: Source, output: Sink, dead: Sink, *, retention: float) -> None:
         self.registry = registry
-        self.jobs = Jobs(registry)
-        self.job_id = job_id
+        self.jobs = jobs
+        self.record = record
+        self.job_id = record.id
+        self.api = record.api
         self.token = token
+        self.source = source
+        self.output = output
+        self.dead = dead  # the dead letter
+        self.retention = retention  # a chunk unanswered this long is queued again
+        self.changes = registry.deployments.changes()
+        self.sizer = ChunkSizer(record.batch_size)
         self.flights: deque[_Flight] = deque()  # read and not yet written, in input order
         self.unsent: deque[_Flight] = deque()  # read and not queued (the queue was busy)
         self.waiting: dict[int, _Flight] = {}  # queued and not answered, by chunk number
         self.in_flight = 0  # samples read and not yet written
+        # Where the job stands (written, next chunk, reading position), and what was written
+        # since the last checkpoint.
+        self.written, self.next_chunk = record.checkpoint, record.chunk
+        self.position = Position.from_json(record.position)
+        self.pending_done = self.pending_failed = 0
+        self.pending_chunks: list[int] = []
+        self.committed_at = time.monotonic()
 
-    def run(self) -> str:
-        """Drive the job; return the status it ended with ("" when the lease was lost)."""
-        record = self.jobs.require(self.job_id)
-        self.jobs.start_run(self.job_id, f"{this_machine()}:{os.getpid()}")
-        try:
-            return self._drive(record)
-        except LeaseLost:
-            log.warning("job %s: another driver took over", self.job_id)
-            return ""
-        except JobError as exc:
-            log.error("job %s failed: %s", self.job_id, exc)
-            self.jobs.finish(self.job_id, self.token, FAILED, str(exc))
-            return FAILED
-
-    def _drive(self, record: JobRecord) -> str:
-        deployed = self._deployed(record.api)
-        self.changes = self.registry.changes()
-        self.retention = deployed.api.compute.async_retention
-        source = open_source(record.input)
-        self.output = open_sink(record.output, record.writers.get("output"))
-        self.dead = open_sink(record.dead_letter, record.writers.get("dead_letter"), lazy=True)
-        if record.total is None and isinstance(source, LocalSource):
-            self.jobs.set_total(self.job_id, source.count())
+    def run(self) -> JobStatus:
+        """Drive the job until it ends or stops; :class:`LeaseLost` when another driver took
+        it over."""
+        record = self.record
+        if record.total is None and isinstance(self.source, LocalSource):
+            self.jobs.set_total(self.job_id, self.source.count())
         sent_before = self.jobs.sent_chunks(self.job_id)
-        self.sizer = ChunkSizer(record.batch_size)
 
         def size_of(number: int) -> int:  # a chunk queued before is read again alike
             return sent_before[number][1] if number in sent_before else self.sizer.size
 
-        chunks = source.chunks(Position.from_json(record.position), number=record.chunk,
-                               first=record.checkpoint, size_of=size_of, max_bytes=CHUNK_BYTES)
-        self._start_checkpoint(record)
+        chunks = self.source.chunks(self.position, number=record.chunk, first=record.checkpoint,
+                                    size_of=size_of, max_bytes=CHUNK_BYTES)
         next_renew = 0.0
         eof = False
         answered: list[int] | None = None  # None: look for every awaited chunk's answer
@@ -129,13 +151,13 @@ class Driver:
             self._collect(answered)
             self._write()
             # Read a chunk only when it can be sent: its size is decided then (ChunkSizer).
-            busy = self._send(record)
+            busy = self._send()
             while not busy and not eof and self.in_flight < record.window:
                 chunk = next(chunks, None)
                 if chunk is None:
                     eof = True
                     if record.total is None:
-                        self.jobs.set_total(self.job_id, self.checkpoint + self.in_flight)
+                        self.jobs.set_total(self.job_id, self.written + self.in_flight)
                     break
                 before = sent_before.pop(chunk.number, None)
                 flight = _Flight(chunk, sent_at=before[0] if before else None)
@@ -145,7 +167,7 @@ class Driver:
                     self.waiting[chunk.number] = flight
                 else:
                     self.unsent.append(flight)
-                    busy = self._send(record)
+                    busy = self._send()
             if eof and not self.flights:
                 return self._end()
             answered = self.jobs.wait_answered(self.job_id, BUSY_POLL_SECONDS if busy else
@@ -153,7 +175,7 @@ class Driver:
 
     # -- sending and collecting ---------------------------------------------------------------
 
-    def _send(self, record: JobRecord) -> bool:
+    def _send(self) -> bool:
         """Queue the chunks read and not queued yet; True when the API's queue was busy (they
         wait to be sent)."""
         now = time.time()
@@ -161,23 +183,25 @@ class Driver:
             flight = self.unsent[0]
             chunk = flight.chunk
             if not chunk.samples:  # every line of it was no JSON: nothing to predict
-                flight.answer = {"lines": "", "failed": []}
+                flight.answer = ChunkAnswer("", [])
                 self.unsent.popleft()
                 continue
             message = messages.encode_job_chunk(
-                uuid.uuid4().hex, chunk.samples, queue=queue_name(record.api), job=self.job_id,
+                uuid.uuid4().hex, chunk.samples, queue=keys.queue(self.api), job=self.job_id,
                 chunk=chunk.number, first=chunk.first, expires_at=now + self.retention,
                 indexes=chunk.indexes if chunk.bad else None)
-            outcome = self.jobs.send(self.job_id, self.token, api=record.api, message=message,
+            outcome = self.jobs.send(self.job_id, self.token, api=self.api, message=message,
                                      chunk=chunk.number, size=chunk.size,
                                      extra=len(chunk.samples) - 1, changes=self.changes)
-            if outcome == "stale":  # something was deployed or deleted: is the API still here?
-                self._deployed(record.api)
-                self.changes = self.registry.changes()
+            if outcome == ChunkSend.STALE:  # something was deployed or deleted: is it still here?
+                self.changes = self.registry.deployments.changes()
+                if self.registry.deployments.api(self.api) is None:
+                    raise JobError(f'api "{self.api}" was deleted; deploy it and resume the job '
+                                   f"(inferq batch submit --resume {self.job_id})")
                 return True
-            if outcome == "lost":
+            if outcome == ChunkSend.LOST:
                 raise LeaseLost
-            if outcome == "busy":
+            if outcome == ChunkSend.BUSY:
                 return True
             flight.message, flight.sent_at = message, now
             self.unsent.popleft()
@@ -189,7 +213,7 @@ class Driver:
         unserved: a replica drops an expired message, so nothing runs twice)."""
         now = time.time()
         for number, flight in list(self.waiting.items()):
-            if now - flight.sent_at > self.retention:
+            if flight.sent_at is not None and now - flight.sent_at > self.retention:
                 log.warning("job %s: chunk %d was queued %.0fs ago and never answered (past the "
                             "API's async_retention); queueing it again", self.job_id, number,
                             now - flight.sent_at)
@@ -201,13 +225,14 @@ class Driver:
         """The answers of the chunks ``answered`` (None: of every chunk awaited)."""
         numbers = list(self.waiting) if answered is None else \
             [n for n in answered if n in self.waiting]
-        for number, answer in zip(numbers, self.jobs.answers(self.job_id, numbers)):
+        for number, answer in zip(numbers, self.jobs.answers(self.job_id, numbers),
+                                  strict=True):
             if answer is None:
                 continue
             flight = self.waiting.pop(number)
             flight.answer = answer
-            if answer.get("took") is not None:
-                self.sizer.answered(len(flight.chunk.samples), answer["took"])
+            if answer.took is not None:
+                self.sizer.answered(len(flight.chunk.samples), answer.took)
 
     def _write(self) -> None:
         """Write the answered chunks at the head, in order; checkpoint when it is due."""
@@ -215,12 +240,13 @@ class Driver:
         while self.flights and self.flights[0].answer is not None:
             flight = self.flights.popleft()
             chunk, answer = flight.chunk, flight.answer
-            lines, failed = answer["lines"], [(i, e) for i, e in answer["failed"]]
+            assert answer is not None  # the loop's condition
+            lines, failed = answer.lines, answer.failed
             if chunk.bad:
                 lines, failed = _merge_bad(chunk, lines, failed)
             part_uploaded |= self.output.write(lines)
             if failed:
-                samples = dict(zip(chunk.indexes, chunk.samples))  # JSON texts
+                samples = dict(zip(chunk.indexes, chunk.samples, strict=True))  # JSON texts
                 dead = [_json_line({"index": i, "sample": chunk.bad[i][0] if i in chunk.bad
                                     else json.loads(samples[i]), "error": error})
                         for i, error in failed]
@@ -229,69 +255,54 @@ class Driver:
             self.pending_failed += len(failed)
             self.pending_done += chunk.size - len(failed)
             self.pending_chunks.append(chunk.number)
-            self.checkpoint, self.next_chunk = chunk.first + chunk.size, chunk.number + 1
+            self.written, self.next_chunk = chunk.first + chunk.size, chunk.number + 1
             self.position = chunk.after
-        if self.pending_chunks and (part_uploaded or self._local_output() and
-                                    time.monotonic() - self.committed_at >= COMMIT_SECONDS):
+        if self.pending_chunks and (part_uploaded or (self._local_output() and
+                                    time.monotonic() - self.committed_at >= COMMIT_SECONDS)):
             self._commit()
 
     # -- checkpoints and ends -----------------------------------------------------------------
-
-    def _start_checkpoint(self, record: JobRecord) -> None:
-        self.checkpoint, self.next_chunk = record.checkpoint, record.chunk
-        self.position = Position.from_json(record.position)
-        self.pending_done = self.pending_failed = 0
-        self.pending_chunks: list[int] = []
-        self.committed_at = time.monotonic()
 
     def _local_output(self) -> bool:
         return not self.output.uri.startswith("s3://")
 
     def _commit(self) -> None:
-        writers = {"output": self.output.state(), "dead_letter": self.dead.state()}
-        if not self.jobs.commit(self.job_id, self.token, api=self.api, checkpoint=self.checkpoint,
-                                chunk=self.next_chunk, position=self.position.to_json(),
-                                writers=writers, done=self.pending_done,
-                                failed=self.pending_failed, chunks=self.pending_chunks):
+        checkpoint = Checkpoint(
+            written=self.written, chunk=self.next_chunk, position=self.position.to_json(),
+            writers={"output": self.output.state(), "dead_letter": self.dead.state()},
+            done=self.pending_done, failed=self.pending_failed, chunks=self.pending_chunks)
+        if not self.jobs.commit(self.job_id, self.token, self.api, checkpoint):
             raise LeaseLost
         self.pending_done = self.pending_failed = 0
         self.pending_chunks = []
         self.committed_at = time.monotonic()
 
-    def _end(self) -> str:
+    def _end(self) -> JobStatus:
         self.output.seal()  # an S3 output's last part uploaded and in the checkpoint, so a
         self.dead.seal()  # driver taking over from here completes the same upload
         self._commit()
         self.output.close()
         self.dead.close()
         failed = self.jobs.require(self.job_id).failed
-        status = WITH_FAILURES if failed else SUCCEEDED
+        status = JobStatus.WITH_FAILURES if failed else JobStatus.SUCCEEDED
         self.jobs.finish(self.job_id, self.token, status)
         log.info("job %s: %s", self.job_id, status)
         return status
 
-    def _stop(self) -> str:
+    def _stop(self) -> JobStatus:
         """Withdraw the chunks no replica took yet, keep what was written, end ``stopped``.
         Chunks that replicas hold are answered into the job's results, for a resume."""
-        queue = queue_name(self.api)
+        queue = keys.queue(self.api)
         for number, flight in list(self.waiting.items()):
-            if flight.message is not None and self.registry.withdraw(queue, flight.message):
+            if flight.message is not None and self.registry.queues.withdraw(queue, flight.message):
                 self.jobs.unsend(self.job_id, number)
                 del self.waiting[number]
         self._collect(None)
         self._write()
         self._commit()
-        self.jobs.finish(self.job_id, self.token, STOPPED)
-        log.info("job %s: stopped after %d samples", self.job_id, self.checkpoint)
-        return STOPPED
-
-    def _deployed(self, api: str) -> Any:
-        self.api = api
-        deployed = self.registry.api(api)
-        if deployed is None:
-            raise JobError(f'api "{api}" is not deployed; deploy it and resume the job '
-                           f"(inferq batch submit --resume {self.job_id})")
-        return deployed
+        self.jobs.finish(self.job_id, self.token, JobStatus.STOPPED)
+        log.info("job %s: stopped after %d samples", self.job_id, self.written)
+        return JobStatus.STOPPED
 
 
 class ChunkSizer:
@@ -355,10 +366,10 @@ def main(argv: list[str] | None = None) -> int:
 
     job_id, token = (argv if argv is not None else sys.argv[1:])[:2]
     os.nice(NICENESS)  # batch work: the CPU goes to live requests first
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s jobdriver %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s job driver %(message)s")
     registry = Registry(stack.broker_url())
     try:
-        status = Driver(registry, job_id, token).run()
+        status = drive(registry, job_id, token)
     except redis.RedisError as exc:
         log.error("job %s: the broker is unreachable (%s); another driver goes on", job_id, exc)
         return 1

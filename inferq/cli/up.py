@@ -73,7 +73,7 @@ class Up:
             stack.StackInfo(pid=os.getpid(), broker_url=url, gateway_url=gateway).write()
             self._start_services(url)
             if self.project_dir is not None:
-                self._deploy(url, gateway)
+                self._deploy(self.project_dir, url, gateway)
             self._say(f"inferq is up (broker {Registry(url).safe_url}); press Ctrl-C to stop")
             self._supervise()
             return 0
@@ -110,10 +110,10 @@ class Up:
             ("scaler", ["scaler"]),
         ]
 
-    def _deploy(self, url: str, gateway: str) -> None:
+    def _deploy(self, project_dir: str, url: str, gateway: str) -> None:
         registry = Registry(url)
         try:
-            deployment, result = deploy(self.project_dir, registry)
+            deployment, result = deploy(project_dir, registry)
         finally:
             registry.close()
         for api in deployment.apis:

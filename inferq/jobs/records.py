@@ -1,42 +1,67 @@
-"""Batch jobs: every sample of a data set predicted through an API's queue.
+"""A batch job's record in Redis, and every transition of it, each one atomic (a Lua script).
 
-A job is a record in Redis (``Registry.job_key``), so it outlives whoever submitted it::
-
-    queued -> running -> succeeded | completed with failures | failed | stopped
-       ^                                                          |        |
-       +---------------- resume (a failed or stopped job) --------+--------+
-
-Nobody's terminal drives it: any host's scaler (:mod:`inferq.scaler.jobs`) claims a job that
-wants a driver, with a lease it renews, and runs :mod:`inferq.jobdriver` for it. A driver that
-dies (SIGKILL, a host lost) stops renewing; its lease lapses and a scaler starts another,
-which goes on from the job's checkpoint. A job whose input or output is a local path is
-driven only on the machine it was submitted from.
-
-:class:`Jobs` is the records' one home (their fields and every transition, each one atomic
-in Redis); :class:`Job` is the handle ``Client.batch`` returns.
+The record outlives whoever submitted the job and whichever driver runs it: the driver
+records a checkpoint (samples written, where the input goes on, the outputs' state) that the
+next driver goes on from.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from enum import StrEnum
+from typing import Any
 
+from inferq import keys
 from inferq.errors import JobError
+from inferq.jobs import files
+from inferq.messages import ChunkAnswer
 from inferq.registry import Registry
-from inferq.workers.messages import queue_name
 
-if TYPE_CHECKING:
-    from inferq.client import Client
-
-QUEUED, RUNNING, STOPPED, FAILED = "queued", "running", "stopped", "failed"
-SUCCEEDED, WITH_FAILURES = "succeeded", "completed with failures"
-ENDED = (SUCCEEDED, WITH_FAILURES, FAILED, STOPPED)
 LEASE_SECONDS = 10.0  # a driver that stops renewing loses its job after this
 LISTED = 100  # `inferq batch get` shows the newest this many jobs
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    WITH_FAILURES = "completed with failures"
+    FAILED = "failed"  # its input or output could not be read or written, or its API is gone
+    STOPPED = "stopped"
+
+    @property
+    def ended(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class ChunkSend(StrEnum):
+    """What became of a chunk offered to the API's queue (:meth:`Jobs.send`)."""
+
+    QUEUED = "queued"
+    BUSY = "busy"  # the queue holds a message per two replicas already: live traffic first
+    STALE = "stale"  # something was deployed or deleted: is the API still there?
+    LOST = "lost"  # another driver has the job's lease
+
+
+_SENDS = {1: ChunkSend.QUEUED, 0: ChunkSend.BUSY, -1: ChunkSend.STALE, -2: ChunkSend.LOST}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a driver wrote since its last checkpoint, and where the job now stands."""
+
+    written: int  # samples written to the output, in all
+    chunk: int  # the number of the chunk that comes next
+    position: str  # where reading goes on (``files.Position`` JSON)
+    writers: dict[str, Any]  # the output's and the dead letter's state
+    done: int  # samples answered since the last checkpoint
+    failed: int  # ... of which failed
+    chunks: list[int]  # the chunks written since the last checkpoint
 
 
 @dataclass(frozen=True)
@@ -51,7 +76,7 @@ class JobRecord:
     batch_size: int
     window: int
     machine: str  # the machine whose files it reads or writes; "" where any host may drive it
-    status: str
+    status: JobStatus
     total: int | None
     done: int
     failed: int
@@ -62,7 +87,7 @@ class JobRecord:
     stop: bool
     checkpoint: int  # samples written to the output
     chunk: int  # the number of the chunk that comes next after the checkpoint
-    position: str  # where reading goes on (inferq.jobfiles.Position JSON)
+    position: str  # where reading goes on (``files.Position`` JSON)
     writers: dict[str, Any]  # the output's and the dead letter's state at the checkpoint
     run_started_at: float | None
     run_first: int  # samples written when this run began (for its rate)
@@ -79,8 +104,9 @@ class JobRecord:
             id=job_id, api=data["api"], input=data["input"], output=data["output"],
             dead_letter=data["dead_letter"], batch_size=int(data["batch_size"]),
             window=int(data["window"]), machine=data.get("machine", ""),
-            status=data["status"], total=number("total", int), done=int(data.get("done", 0)),
-            failed=int(data.get("failed", 0)), created_at=float(data["created_at"]),
+            status=JobStatus(data["status"]), total=number("total", int),
+            done=int(data.get("done", 0)), failed=int(data.get("failed", 0)),
+            created_at=float(data["created_at"]),
             started_at=number("started_at"), ended_at=number("ended_at"),
             error=data.get("error", ""), stop=data.get("stop") == "1",
             checkpoint=int(data.get("checkpoint", 0)), chunk=int(data.get("chunk", 0)),
@@ -103,13 +129,13 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         """What ``inferq batch get`` and ``Job.status()`` show."""
         return {
-            "id": self.id, "api": self.api, "status": self.status, "done": self.done,
+            "id": self.id, "api": self.api, "status": self.status.value, "done": self.done,
             "failed": self.failed, "total": self.total, "rate": self.rate,
             "created_at": self.created_at, "started_at": self.started_at,
             "ended_at": self.ended_at, "input": self.input, "output": self.output,
             "dead_letter": self.dead_letter if self.failed else None,
             "error": self.error or None,
-            "stopping": self.stop and self.status not in ENDED,
+            "stopping": self.stop and not self.status.ended,
             "driven_on": self.machine or None,
         }
 
@@ -131,24 +157,34 @@ class Jobs:
 
     # -- submitting and controlling -----------------------------------------------------------
 
-    def create(self, *, api: str, input: str, output: str, dead_letter: str, batch_size: int,
-               window: int, machine: str) -> str:
+    def submit(self, api: str, input: str | os.PathLike, output: str | os.PathLike | None, *,
+               batch_size: int, window: int) -> str:
+        """Check a job's input and outputs, record it ``queued`` and return its id (see
+        ``Client.batch``); :class:`JobError` for an input or output it cannot use."""
+        source_uri = files.resolve(input)
+        source = files.open_source(source_uri)
+        output_uri = files.resolve(output) if output else files.default_output(source_uri)
+        files.check_output(output_uri, source)
+        dead_letter = files.dead_letter_of(output_uri)
+        files.check_output(dead_letter, source)
+        local = not (source_uri.startswith("s3://") and output_uri.startswith("s3://"))
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(Registry.job_key(job_id), mapping={
-            "api": api, "input": input, "output": output, "dead_letter": dead_letter,
-            "batch_size": batch_size, "window": window, "machine": machine,
-            "status": QUEUED, "created_at": now, "done": 0, "failed": 0, "checkpoint": 0,
-            "chunk": 0,
+        pipe.hset(keys.job(job_id), mapping={
+            "api": api, "input": source_uri, "output": output_uri, "dead_letter": dead_letter,
+            "batch_size": batch_size, "window": window,
+            "machine": this_machine() if local else "",
+            "status": JobStatus.QUEUED.value, "created_at": now, "done": 0, "failed": 0,
+            "checkpoint": 0, "chunk": 0,
         })
-        pipe.zadd(Registry.jobs_key(), {job_id: now})
-        pipe.sadd(Registry.jobs_key("active"), job_id)
+        pipe.zadd(keys.jobs(), {job_id: now})
+        pipe.sadd(keys.active_jobs(), job_id)
         pipe.execute()
         return job_id
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.hgetall(Registry.job_key(job_id))
+        raw = self.redis.hgetall(keys.job(job_id))
         return JobRecord.from_hash(job_id, raw) if raw else None
 
     def require(self, job_id: str) -> JobRecord:
@@ -157,10 +193,10 @@ class Jobs:
             raise JobError(f"no batch job {job_id!r} (see `inferq batch get`)")
         return record
 
-    def list(self, limit: int = LISTED) -> list[JobRecord]:
+    def newest(self, limit: int = LISTED) -> list[JobRecord]:
         """The newest ``limit`` jobs, newest first."""
         return self._records(
-            [i.decode() for i in self.redis.zrevrange(Registry.jobs_key(), 0, limit - 1)])
+            [i.decode() for i in self.redis.zrevrange(keys.jobs(), 0, limit - 1)])
 
     def active(self) -> list[JobRecord]:
         """The queued and running jobs, however old, oldest first."""
@@ -169,177 +205,115 @@ class Jobs:
     def _records(self, ids: list[str]) -> list[JobRecord]:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hgetall(Registry.job_key(job_id))
+            pipe.hgetall(keys.job(job_id))
         return [JobRecord.from_hash(job_id, raw)
-                for job_id, raw in zip(ids, pipe.execute()) if raw]
+                for job_id, raw in zip(ids, pipe.execute(), strict=True) if raw]
 
-    def stop(self, job_id: str) -> str:
+    def stop(self, job_id: str) -> JobStatus:
         """Stop a job: a queued one at once, a running one at its driver's next step (what was
         predicted is kept). Returns the job's status after the request."""
         self.require(job_id)
-        return self._stop(keys=[Registry.job_key(job_id), Registry.jobs_key("active")],
-                          args=[time.time()]).decode()
+        return JobStatus(self._stop(keys=[keys.job(job_id), keys.active_jobs()],
+                                    args=[time.time()]).decode())
 
-    def resume(self, job_id: str) -> str:
+    def resume(self, job_id: str) -> JobStatus:
         """Queue a stopped or failed job again; it goes on from its checkpoint."""
         record = self.require(job_id)
-        outcome = self._resume(keys=[Registry.job_key(job_id), Registry.jobs_key("active")])
+        outcome = self._resume(keys=[keys.job(job_id), keys.active_jobs()])
         if outcome != 1:
             raise JobError(f"job {job_id} is {record.status}: only a stopped or failed job "
                            "can be resumed")
-        return QUEUED
+        return JobStatus.QUEUED
 
     # -- drivers ------------------------------------------------------------------------------
 
     def wanting_driver(self) -> list[str]:
-        return sorted(i.decode() for i in self.redis.smembers(Registry.jobs_key("active")))
+        return sorted(i.decode() for i in self.redis.smembers(keys.active_jobs()))
 
     def claim(self, job_id: str, token: str, machine: str) -> bool:
         """Take the job's lease for a new driver, if it wants one that may run here."""
-        return self._claim(keys=[Registry.job_key(job_id), Registry.job_key(job_id, "driver"),
-                                 Registry.jobs_key("active")],
+        return self._claim(keys=[keys.job(job_id), keys.job_driver(job_id),
+                                 keys.active_jobs()],
                            args=[token, int(LEASE_SECONDS * 1000), machine]) == 1
 
     def renew(self, job_id: str, token: str) -> bool:
         """Keep the lease; False when it was lost (another driver has the job)."""
-        return self._renew(keys=[Registry.job_key(job_id, "driver")],
+        return self._renew(keys=[keys.job_driver(job_id)],
                            args=[token, int(LEASE_SECONDS * 1000)]) == 1
 
     def release(self, job_id: str, token: str) -> None:
-        self._release(keys=[Registry.job_key(job_id, "driver")], args=[token])
+        self._release(keys=[keys.job_driver(job_id)], args=[token])
 
     def start_run(self, job_id: str, driver: str) -> None:
         record = self.require(job_id)
         now = time.time()
-        fields = {"status": RUNNING, "run_started_at": now, "driver": driver,
+        fields = {"status": JobStatus.RUNNING.value, "run_started_at": now, "driver": driver,
                   "run_first": record.done + record.failed}
         if record.started_at is None:
             fields["started_at"] = now
-        self.redis.hset(Registry.job_key(job_id), mapping=fields)
+        self.redis.hset(keys.job(job_id), mapping=fields)
 
     def set_total(self, job_id: str, total: int) -> None:
-        self.redis.hset(Registry.job_key(job_id), "total", total)
+        self.redis.hset(keys.job(job_id), "total", total)
 
     def sent_chunks(self, job_id: str) -> dict[int, tuple[float, int]]:
         """The chunks queued and not yet written: number -> (when, how many samples)."""
-        raw = self.redis.hgetall(Registry.job_key(job_id, "chunks"))
+        raw = self.redis.hgetall(keys.job_chunks(job_id))
         sent = {}
         for number, value in raw.items():
             when, _, size = value.decode().partition(":")
             sent[int(number)] = (float(when), int(size))
         return sent
 
-    def answers(self, job_id: str, chunks: list[int]) -> list[dict[str, Any] | None]:
+    def answers(self, job_id: str, chunks: list[int]) -> list[ChunkAnswer | None]:
         if not chunks:
             return []
-        raw = self.redis.hmget(Registry.job_key(job_id, "results"), chunks)
-        return [json.loads(r) if r is not None else None for r in raw]
+        raw = self.redis.hmget(keys.job_results(job_id), chunks)
+        return [ChunkAnswer.from_json(r) if r is not None else None for r in raw]
 
     def wait_answered(self, job_id: str, timeout: float) -> list[int]:
         """Wait up to ``timeout`` for replicas to answer some of the job's chunks; their
         numbers (those answered since the last call)."""
-        return [int(n) for n in self.registry.pop_all(Registry.job_key(job_id, "done"),
+        return [int(n) for n in self.registry.store.pop_all(keys.job_done(job_id),
                                                       timeout)]
 
     def send(self, job_id: str, token: str, *, api: str, message: str, chunk: int, size: int,
-             extra: int, changes: int) -> str:
+             extra: int, changes: int) -> ChunkSend:
         """Queue a chunk unless the API's queue already holds a message per two replicas (at
-        least one; live traffic goes first), the APIs changed, or the lease was lost:
-        "queued", "busy", "stale" or "lost"."""
-        queue = queue_name(api)
+        least one; live traffic goes first), the APIs changed, or the lease was lost."""
+        queue = keys.queue(api)
         code = self._send(
-            keys=[Registry.changes_key(), queue, Registry.extra_key(queue),
-                  Registry.replicas_key(api),
-                  Registry.job_key(job_id, "chunks"), Registry.job_key(job_id, "driver")],
+            keys=[keys.changes(), queue, keys.extra(queue), keys.replicas(api),
+                  keys.job_chunks(job_id), keys.job_driver(job_id)],
             args=[changes, message, extra, chunk, f"{time.time()}:{size}", token])
-        return {1: "queued", 0: "busy", -1: "stale", -2: "lost"}[int(code)]
+        return _SENDS[int(code)]
 
     def unsend(self, job_id: str, chunk: int) -> None:
         """Forget that a chunk was sent (it was withdrawn before any replica took it)."""
-        self.redis.hdel(Registry.job_key(job_id, "chunks"), chunk)
+        self.redis.hdel(keys.job_chunks(job_id), chunk)
 
-    def commit(self, job_id: str, token: str, *, api: str, checkpoint: int, chunk: int,
-               position: str, writers: dict[str, Any], done: int, failed: int,
-               chunks: list[int]) -> bool:
-        """Record a checkpoint: ``done`` and ``failed`` more samples written, up to sample
-        ``checkpoint`` and chunk ``chunk``; forget those chunks' answers. False (nothing
+    def commit(self, job_id: str, token: str, api: str, checkpoint: Checkpoint) -> bool:
+        """Record a checkpoint and forget the answers of the chunks it wrote; False (nothing
         recorded) when the lease was lost."""
         return self._commit(
-            keys=[Registry.job_key(job_id), Registry.job_key(job_id, "driver"),
-                  Registry.job_key(job_id, "chunks"), Registry.job_key(job_id, "results"),
-                  Registry.stats_key(api)],
-            args=[token, checkpoint, chunk, position, json.dumps(writers), done, failed,
-                  *chunks]) == 1
+            keys=[keys.job(job_id), keys.job_driver(job_id), keys.job_chunks(job_id),
+                  keys.job_results(job_id), keys.stats(api)],
+            args=[token, checkpoint.written, checkpoint.chunk, checkpoint.position,
+                  json.dumps(checkpoint.writers), checkpoint.done, checkpoint.failed,
+                  *checkpoint.chunks]) == 1
 
-    def finish(self, job_id: str, token: str, status: str, error: str = "") -> None:
+    def finish(self, job_id: str, token: str, status: JobStatus, error: str = "") -> None:
         """End the job's run: ``status`` (an ended one), and for an error its message."""
-        self._finish(keys=[Registry.job_key(job_id), Registry.job_key(job_id, "driver"),
-                           Registry.jobs_key("active"), Registry.job_key(job_id, "chunks"),
-                           Registry.job_key(job_id, "results"), Registry.job_key(job_id, "done")],
-                     args=[token, status, error, time.time(),
-                           1 if status in (SUCCEEDED, WITH_FAILURES) else 0])
-
-
-class Job:
-    """A batch job, as ``Client.batch`` returns it."""
-
-    def __init__(self, client: Client, job_id: str) -> None:
-        self.client = client
-        self.id = job_id
-
-    def status(self) -> dict[str, Any]:
-        """The job's status, counts (done, failed, total), rate, times, output and error."""
-        return self.client.jobs.require(self.id).to_dict()
-
-    def stop(self) -> str:
-        return self.client.jobs.stop(self.id)
-
-    def resume(self) -> Job:
-        self.client.jobs.resume(self.id)
-        return self
-
-    def wait(self, *, progress: bool = False, timeout: float | None = None,
-             poll: float = 0.5) -> dict[str, Any]:
-        """Wait until the job ends (or ``timeout`` seconds); return its status. With
-        ``progress``, a progress bar of the samples written."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        bar = None
-        try:
-            while True:
-                state = self.status()
-                if progress:
-                    bar = _show(bar, state)
-                if state["status"] in ENDED:
-                    return state
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"job {self.id} is still {state['status']} after "
-                                       f"{timeout:g}s")
-                time.sleep(poll)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id}>"
+        self._finish(keys=[keys.job(job_id), keys.job_driver(job_id),
+                           keys.active_jobs(), keys.job_chunks(job_id),
+                           keys.job_results(job_id), keys.job_done(job_id)],
+                     args=[token, status.value, error, time.time(),
+                           1 if status in (JobStatus.SUCCEEDED, JobStatus.WITH_FAILURES) else 0])
 
 
 def this_machine() -> str:
     """The machine whose local files a job may name (jobs on local paths run only here)."""
     return socket.gethostname()
-
-
-def _show(bar: Any, state: dict[str, Any]) -> Any:
-    if bar is None:
-        from tqdm import tqdm
-
-        bar = tqdm(total=state["total"], desc=f"{state['api']} {state['id']}", unit="sample")
-    if state["total"] is not None and bar.total != state["total"]:
-        bar.total = state["total"]
-    bar.n = state["done"] + state["failed"]
-    bar.set_postfix_str(state["status"] + (f", {state['failed']} failed" if state["failed"]
-                                           else ""), refresh=False)
-    bar.refresh()
-    return bar
 
 
 # KEYS: job, lease, active; ARGV: token, lease ms, this machine.

@@ -3,64 +3,68 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from inferq.errors import UnknownAPI
 from inferq.registry import (
-    TRACKER_CLASSES_KEPT,
+    ApiState,
+    ApiStatus,
+    Capacity,
     DeployedApi,
     Registry,
-    cut_label,
-    cut_text,
+    ReplicaRecord,
+    ReplicaStatus,
 )
+from inferq.registry.telemetry import TRACKER_CLASSES_KEPT, cut_label, cut_text
 
 TRACKER_ROWS_SHOWN = 20  # classes listed by `inferq get API_NAME`
 LINES_SHOWN = 8  # of an error: the last ones
 LINE_CHARS_SHOWN = 300
 
 
-def api_status(deployed: DeployedApi, replicas: list[dict[str, Any]],
-               judged: dict[str, Any] | None) -> str:
+def api_status(deployed: DeployedApi, replicas: list[ReplicaRecord],
+               judged: ApiState | None) -> ApiStatus:
     """The API's Cortex status: the scaler's judgement, else what its replicas say."""
     if judged is not None:
-        return judged["status"]
-    current = [r for r in replicas if r.get("version") == deployed.version]
-    if any(r["status"] == "error" for r in current):
-        return "error"
-    if any(r["status"] == "live" for r in current):
-        return "live"
-    if any(r["status"] == "creating" for r in current):
-        return "creating"
-    return "pending"
+        return judged.status
+    statuses = {r.status for r in replicas if r.version == deployed.version}
+    for replica, api in ((ReplicaStatus.ERROR, ApiStatus.ERROR),
+                         (ReplicaStatus.LIVE, ApiStatus.LIVE),
+                         (ReplicaStatus.CREATING, ApiStatus.CREATING)):
+        if replica in statuses:
+            return api
+    return ApiStatus.PENDING
 
 
 def snapshot(registry: Registry, api: str | None = None) -> list[dict[str, Any]]:
     """One row per deployed API (or only ``api``), as plain data (``--output json``)."""
     if api is not None:
-        deployed = registry.api(api)
+        deployed = registry.deployments.api(api)
         if deployed is None:
             raise UnknownAPI(f'no API named "{api}" is deployed (see `inferq get`)')
         apis = [deployed]
     else:
-        apis = registry.apis()
+        apis = registry.deployments.apis()
     rows = [_row(registry, deployed, detail=api is not None) for deployed in apis]
     if api is None:
         deployed_names = {d.name for d in apis}
         rows += [
             _stopping_row(registry, name)
-            for name in registry.apis_with_replicas() if name not in deployed_names
+            for name in registry.replicas.apis_with_replicas() if name not in deployed_names
         ]
     return rows
 
 
 def _stopping_row(registry: Registry, name: str) -> dict[str, Any]:
     """A deleted API whose replicas still finish what they hold."""
-    replicas = registry.replicas(name)
+    replicas = registry.replicas.of(name)
     return {
-        "api": name, "deployment": None, "status": "stopping",
+        "api": name, "deployment": None, "status": ApiStatus.STOPPING,
         "reason": f"deleted; {len(replicas)} replica(s) finishing their requests",
         "up_to_date": 0, "requested": 0,
-        "last_update": max((r.get("updated_at", 0) for r in replicas), default=0),
+        "last_update": max((r.updated_at for r in replicas), default=0),
         "avg_latency": None, "2xx": 0, "4xx": 0, "5xx": 0, "hosts": _hosts(replicas),
         "endpoint": None, "version": None,
     }
@@ -68,41 +72,41 @@ def _stopping_row(registry: Registry, name: str) -> dict[str, Any]:
 
 def _row(registry: Registry, deployed: DeployedApi, *, detail: bool) -> dict[str, Any]:
     name = deployed.name
-    replicas = registry.replicas(name)
-    judged = registry.status(name)
-    stats = registry.request_stats(name)
-    count = stats.get("count", 0)
-    row = {
+    replicas = registry.replicas.of(name)
+    judged = registry.replicas.status(name)
+    stats = registry.telemetry.request_stats(name)
+    row: dict[str, Any] = {
         "api": name,
         "deployment": deployed.api.deployment,
         "status": api_status(deployed, replicas, judged),
-        "reason": (judged or {}).get("reason"),
-        "up_to_date": sum(
-            1 for r in replicas if r.get("version") == deployed.version and r["status"] == "live"
-        ),
-        "requested": (judged or {}).get("requested", deployed.api.compute.init_replicas),
+        "reason": judged.reason if judged else None,
+        "up_to_date": sum(1 for r in replicas
+                          if r.version == deployed.version and r.status == ReplicaStatus.LIVE),
+        "requested": judged.requested if judged else deployed.api.compute.init_replicas,
         "last_update": deployed.updated_at,
-        "avg_latency": stats["latency_sum"] / count if count else None,
-        "2xx": int(stats.get("2xx", 0)),
-        "4xx": int(stats.get("4xx", 0)),
-        "5xx": int(stats.get("5xx", 0)),
+        "avg_latency": stats.avg_latency,
+        "2xx": stats.ok,
+        "4xx": stats.client_errors,
+        "5xx": stats.server_errors,
         "hosts": _hosts(replicas),
         "endpoint": deployed.api.endpoint,
         "version": deployed.version,
     }
     if detail:
-        row["tracker"] = registry.tracker_stats(name) if deployed.api.tracker else None
-        usage = registry.usage(name)
-        row["replicas"] = [{**r, "usage": usage.get(r["id"])} for r in replicas]
+        tracker = registry.telemetry.tracker_stats(name) if deployed.api.tracker else None
+        row["tracker"] = tracker.to_dict() if tracker is not None else None
+        usage = registry.replicas.usage(name)
+        row["replicas"] = [{**asdict(r), "usage": asdict(usage[r.id]) if r.id in usage else None}
+                           for r in replicas]
         row["config"] = deployed.api.to_dict()
     return row
 
 
-def _hosts(replicas: list[dict[str, Any]]) -> dict[str, int]:
+def _hosts(replicas: list[ReplicaRecord]) -> dict[str, int]:
     hosts: dict[str, int] = {}
     for record in replicas:
-        if record["status"] == "live":
-            hosts[record["host"]] = hosts.get(record["host"], 0) + 1
+        if record.status == ReplicaStatus.LIVE:
+            hosts[record.host] = hosts.get(record.host, 0) + 1
     return dict(sorted(hosts.items()))
 
 
@@ -207,24 +211,21 @@ def _printable(label: str) -> str:
 
 def host_rows(registry: Registry) -> list[dict[str, Any]]:
     """Every registered host with its capacity, what it runs and its heartbeat's age."""
-    now = registry.now()
-    rows = []
-    for name, info in sorted(registry.hosts().items()):
-        rows.append({
-            "host": name,
-            "capacity": info["capacity"],
-            "replicas": info.get("replicas", {}),
-            "heartbeat_age": max(0.0, now - info["heartbeat"]),
-            "leader": registry.leader() == name,
-        })
-    return rows
+    now = registry.store.now()
+    leader = registry.hosts.leader()
+    return [{
+        "host": name,
+        "capacity": record.capacity.to_dict(),
+        "replicas": record.replicas,
+        "heartbeat_age": max(0.0, now - record.heartbeat),
+        "leader": leader == name,
+    } for name, record in sorted(registry.hosts.all().items())]
 
 
 def render_hosts(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no scaler is running (start one with `inferq scaler` or `inferq up`)"
     from inferq.configs import format_cpu
-    from inferq.scaler.host import Capacity
 
     header = ("host", "cpu", "mem", "gpus", "replicas", "heartbeat")
     lines = [header]
@@ -241,7 +242,7 @@ def render_hosts(rows: list[dict[str, Any]]) -> str:
     return _columns(lines, numeric={1, 3})
 
 
-def _columns(lines: list[tuple[str, ...]], numeric: set[int]) -> str:
+def _columns(lines: Sequence[Sequence[str]], numeric: set[int]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(

@@ -1,7 +1,7 @@
-"""The batch jobs this host drives, each a ``python -m inferq.jobdriver`` child process.
+"""The batch jobs a host drives, each a ``python -m inferq.jobs.driver`` child process.
 
 Every scaler looks for jobs that want a driver at each tick and claims one with a lease (see
-:mod:`inferq.jobs`), so a job is driven by exactly one host at a time, on any host for S3
+:mod:`inferq.jobs.records`), so a job is driven by exactly one host at a time, on any host for S3
 jobs and on the submitting machine for jobs on local files. A driver that exits before its
 job ended (killed, out of memory, the broker away) gives its lease back here and its job is
 claimed again at the next tick; a host that vanishes leaves a lease that lapses, and another
@@ -17,11 +17,11 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-from inferq.jobs import Jobs, this_machine
+from inferq.jobs.records import Jobs, this_machine
 from inferq.processes import spawn, stop
 from inferq.registry import Registry
 
-log = logging.getLogger("inferq.scaler")
+log = logging.getLogger("inferq.scaler")  # it runs in the scaler
 
 MAX_DRIVERS = 4  # jobs one host drives at once; more wait their turn
 
@@ -74,4 +74,4 @@ class JobRunner:
     def _start(self, job_id: str, token: str) -> subprocess.Popen:
         log.info("job %s: driving it from here", job_id)
         env = {**os.environ, "INFERQ_BROKER_URL": self.broker_url, "PYTHONUNBUFFERED": "1"}
-        return spawn([sys.executable, "-P", "-m", "inferq.jobdriver", job_id, token], env=env)
+        return spawn([sys.executable, "-P", "-m", "inferq.jobs.driver", job_id, token], env=env)

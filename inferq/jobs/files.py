@@ -22,12 +22,12 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import botocore.exceptions
 
 from inferq.errors import JobError
-from inferq.workers.models import s3_client, s3_problem
+from inferq.s3 import error_code, s3_client, s3_problem
 
 READ_BYTES = 1 << 20  # read this much of an input at a time
 # An S3 output uploads a part each time this much is written (S3 takes parts of 5 MiB or more).
@@ -191,10 +191,10 @@ class S3Source(Source):
                 self.client.head_object(Bucket=self.bucket, Key=self.key)
                 return [self.key]
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) not in ("404", "NoSuchKey", "NotFound"):
+                if error_code(exc) not in ("404", "NoSuchKey", "NotFound"):
                     raise self._error(exc) from None
         prefix = self.key if not self.key or self.key.endswith("/") else self.key + "/"
-        keys = []
+        keys: list[str] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                     Bucket=self.bucket, Prefix=prefix):
@@ -219,7 +219,7 @@ class S3Source(Source):
                     yield block
                 return
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) == "InvalidRange":
+                if error_code(exc) == "InvalidRange":
                     return  # read to its end already
                 raise self._error(exc, key) from None
             except (botocore.exceptions.BotoCoreError, OSError) as exc:
@@ -260,7 +260,7 @@ class LocalSink(Sink):
     def __init__(self, uri: str, state: dict[str, Any] | None, *, lazy: bool) -> None:
         self.uri = uri
         self.path = Path(uri)
-        self.file = None
+        self.file: BinaryIO | None = None
         self.offset = int((state or {}).get("offset", 0))
         if state is not None and (state.get("created") or self.offset):
             self._open(resume=True)
@@ -270,7 +270,7 @@ class LocalSink(Sink):
     def _open(self, *, resume: bool) -> None:
         try:
             if resume:
-                self.file = open(self.path, "r+b")
+                self.file = open(self.path, "r+b")  # noqa: SIM115
                 size = os.fstat(self.file.fileno()).st_size
                 if size < self.offset:
                     raise JobError(f"output {self.uri}: it holds {size} bytes, fewer than the "
@@ -279,7 +279,7 @@ class LocalSink(Sink):
                 self.file.truncate(self.offset)  # what was written after the checkpoint
                 self.file.seek(self.offset)
             else:
-                self.file = open(self.path, "wb")
+                self.file = open(self.path, "wb")  # noqa: SIM115
         except FileNotFoundError:
             raise JobError(f"output {self.uri}: no such file (it was removed since the job "
                            "began)" if resume else f"output {self.uri}: its folder does not "
@@ -290,6 +290,7 @@ class LocalSink(Sink):
     def write(self, text: str) -> bool:
         if self.file is None:
             self._open(resume=False)
+        assert self.file is not None
         self.file.write(text.encode())
         return False
 
@@ -349,7 +350,7 @@ class S3Sink(Sink):
         except botocore.exceptions.ClientError as exc:
             # A driver that completed it and died before its last checkpoint (sealed, so the
             # parts it completed are the ones here): the object is there already.
-            if _code(exc) != "NoSuchUpload" or not self._exists():
+            if error_code(exc) != "NoSuchUpload" or not self._exists():
                 raise JobError(f"output {self.uri}: {_describe(exc, self.bucket)}") from None
 
     def _upload_part(self) -> None:
@@ -451,10 +452,6 @@ def split_s3(uri: str) -> tuple[str, str]:
     if not bucket:
         raise JobError(f"{uri}: the URL names no bucket (expected s3://bucket/key)")
     return bucket, key
-
-
-def _code(exc: botocore.exceptions.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _describe(exc: botocore.exceptions.ClientError, bucket: str, *,

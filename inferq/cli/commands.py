@@ -1,0 +1,247 @@
+"""The commands of ``inferq``, one function each; ``inferq.cli`` parses the arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from inferq import __version__, stack
+
+
+def up(args: argparse.Namespace) -> int:
+    from inferq.cli.up import Up
+
+    return Up(args.project_dir, port=args.port, host=args.host).run()
+
+
+def deploy(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from inferq.configs import load_project, to_yaml
+        from inferq.workers.requirements import FILE_NAME, listed
+
+        deployment = load_project(args.project_dir)
+        sys.stdout.write(to_yaml(deployment))
+        # As YAML comments, so the output stays a loadable cortex.yaml.
+        wanted = listed(deployment.project_dir)
+        print(f"# {FILE_NAME}: " + (
+            "installed on each replica's host before the predictor is imported"
+            if wanted else "none (the predictor runs on inferq's own packages)"))
+        for line in wanted:
+            print(f"#   {line}")
+        return 0
+    from inferq.deploy import deploy as deploy_project
+
+    registry = _registry()
+    deployment, result = deploy_project(args.project_dir, registry)
+    for api in deployment.apis:
+        print(f'api "{api.name}": {result.changes[api.name]} ({api.endpoint})')
+    for name in result.removed:
+        print(f'api "{name}": removed')
+    if not result.changed:
+        print(f'deployment "{deployment.name}" is up to date')
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    name = args.name
+    if name is None:
+        from inferq.configs import load_project
+
+        name = load_project(".").name
+    removed = _registry().deployments.delete(name)
+    print(f'deleted deployment "{name}" ({", ".join(removed) or "no APIs"})')
+    return 0
+
+
+def get(args: argparse.Namespace) -> int:
+    from inferq.cli.tables import (
+        host_rows,
+        render_api,
+        render_hosts,
+        render_jobs,
+        render_table,
+        snapshot,
+    )
+
+    registry = _registry()
+    while True:
+        rows = host_rows(registry) if args.hosts else snapshot(registry, args.api)
+        if args.output == "json":
+            text = json.dumps(rows, indent=2)
+        elif args.hosts:
+            text = render_hosts(rows)
+        elif args.api:
+            text = render_api(rows[0], stack.gateway_url())
+        else:
+            text = render_table(rows)
+            running = _running_jobs(registry)
+            if running:
+                text += "\n\n" + render_jobs(running)
+        if args.watch:
+            sys.stdout.write("\x1b[2J\x1b[H")
+        print(text)
+        if not args.watch:
+            return 0
+        time.sleep(1)
+
+
+def _running_jobs(registry) -> list[dict]:
+    from inferq.jobs import Jobs
+
+    return [j.to_dict() for j in Jobs(registry).active()]
+
+
+def job_submit(args: argparse.Namespace) -> int:
+    from inferq.client import Client
+
+    with Client(_registry().url) as client:
+        if args.resume:
+            if args.api or args.input:
+                print("error: --resume JOB_ID takes no API_NAME or INPUT (the job has them)",
+                      file=sys.stderr)
+                return 2
+            job = client.job(args.resume).resume()
+            print(f"job {job.id}: queued again; it goes on from its checkpoint")
+        else:
+            if not (args.api and args.input):
+                print("error: batch submit needs API_NAME and INPUT (or --resume JOB_ID)",
+                      file=sys.stderr)
+                return 2
+            try:
+                job = client.batch(args.api, args.input, args.output,
+                                   batch_size=args.batch_size, window=args.window)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            state = job.status()
+            print(f"job {job.id}: submitted ({state['input']} -> {state['output']})")
+        if not args.wait:
+            print(f"follow it with: inferq batch get {job.id}")
+            return 0
+        from inferq.cli.tables import render_job
+
+        state = job.wait(progress=True)
+        print(render_job(state))
+        return 1 if state["status"] == "failed" else 0
+
+
+def job_get(args: argparse.Namespace) -> int:
+    from inferq.cli.tables import render_job, render_jobs
+    from inferq.jobs import Jobs
+
+    jobs = Jobs(_registry())
+    if args.job_id:
+        state = jobs.require(args.job_id).to_dict()
+        print(json.dumps(state, indent=2) if args.output == "json" else render_job(state))
+        return 0
+    states = [j.to_dict() for j in jobs.newest()]
+    print(json.dumps(states, indent=2) if args.output == "json" else render_jobs(states))
+    return 0
+
+
+def job_stop(args: argparse.Namespace) -> int:
+    from inferq.jobs import Jobs
+
+    status = Jobs(_registry()).stop(args.job_id)
+    if status == "stopped":
+        print(f"job {args.job_id}: stopped")
+    elif status == "running":
+        print(f"job {args.job_id}: stopping (what was predicted is kept; resume it with "
+              f"`inferq batch submit --resume {args.job_id}`)")
+    else:
+        print(f"job {args.job_id}: already {status}")
+    return 0
+
+
+def logs(args: argparse.Namespace) -> int:
+    registry = _registry()
+    telemetry = registry.telemetry
+    if registry.deployments.api(args.api) is None and not telemetry.read_logs(args.api, count=1):
+        print(f'error: no API named "{args.api}" is deployed (see `inferq get`)', file=sys.stderr)
+        return 1
+    entries = telemetry.last_logs(args.api, max(args.tail, 1))
+    last = entries[-1].id if entries else "0"  # follow on from the newest line
+    entries = entries[-args.tail:] if args.tail > 0 else []
+    for entry in entries:
+        print(f"[{entry.replica}] {entry.line}", flush=True)
+    while args.follow:
+        for entry in telemetry.read_logs(args.api, last, block=1.0):
+            print(f"[{entry.replica}] {entry.line}", flush=True)
+            last = entry.id
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    from inferq.workers.supervisor import serve_child, supervise
+
+    if args.serve:
+        return serve_child(args.api, stack.broker_url(), args.serve, loglevel=args.loglevel)
+    return supervise(args.api, stack.broker_url(), loglevel=args.loglevel)
+
+
+def gateway(args: argparse.Namespace) -> int:
+    import logging
+
+    from inferq.gateway.server import serve
+
+    logging.basicConfig(level=args.loglevel,
+                        format="%(asctime)s [gateway] %(levelname)s %(message)s")
+    serve(stack.broker_url(), host=args.host, port=args.port, threads=args.threads,
+          max_body=args.max_body)
+    return 0
+
+
+def scaler(args: argparse.Namespace) -> int:
+    import logging
+
+    from inferq.scaler.host import declared_capacity
+    from inferq.scaler.scaler import Scaler
+
+    logging.basicConfig(level=args.loglevel,
+                        format="%(asctime)s [scaler] %(levelname)s %(message)s")
+    capacity = declared_capacity(args.cpu, args.mem, args.gpus)
+    host = args.host_name or stack.host_name()
+    return Scaler(stack.broker_url(), capacity, host, loglevel=args.loglevel,
+                  echo_logs=None if args.quiet else sys.stderr).run()
+
+
+def predict(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    from inferq.registry import Registry
+
+    api = Registry(stack.broker_url()).deployments.api(args.api)
+    if api is None:
+        print(f'error: no API named "{args.api}" is deployed (see `inferq get`)', file=sys.stderr)
+        return 1
+    with open(args.sample_file, "rb") as handle:
+        body = handle.read()
+    url = stack.gateway_url() + api.api.endpoint + ("?debug=true" if args.debug else "")
+    call = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(call, timeout=api.api.compute.timeout + 10) as response:
+            print(json.dumps(json.loads(response.read()), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"error: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"error: the gateway at {url} does not answer ({exc.reason}); is `inferq up` "
+              "running?", file=sys.stderr)
+        return 1
+
+
+def version(args: argparse.Namespace) -> int:
+    print(f"inferq {__version__}")
+    return 0
+
+
+def _registry():
+    from inferq.registry import Registry
+
+    registry = Registry(stack.broker_url())
+    registry.ping()
+    return registry

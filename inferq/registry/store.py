@@ -1,0 +1,122 @@
+"""The one connection every part of the registry shares, and what they all need of it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import fields
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from inferq.errors import BrokerUnavailable
+
+
+class Store:
+    """A Redis connection pool and this thread's reusable pipelines.
+
+    Parameters
+    ----------
+    url:
+        A Redis URL (``redis://host:port/db``), usually the broker's.
+    socket_timeout:
+        Seconds a command may take (None: no limit).
+    max_connections:
+        Connections open at most; a thread past them waits for a free one instead of failing
+        with redis-py's "Too many connections".
+    """
+
+    def __init__(self, url: str, *, socket_timeout: float | None = 10.0,
+                 max_connections: int = 256) -> None:
+        self.url = url
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=socket_timeout or 30,
+            socket_timeout=socket_timeout, socket_connect_timeout=5, health_check_interval=30,
+        )
+        # Any: redis-py types every reply ``bytes | str`` (it cannot know decode_responses);
+        # inferq's are always bytes.
+        self.redis: Any = redis.Redis(connection_pool=pool)
+        self._local = threading.local()  # each thread's reusable pipelines
+
+    def pipeline(self, *, transaction: bool) -> Any:
+        """A pipeline of this thread's own, reused: a new one copies redis-py's ~200 response
+        callbacks, which costs as much CPU as the round trip it makes (the request path)."""
+        pipes = self._local.__dict__.setdefault("pipes", {})
+        pipe = pipes.get(transaction)
+        if pipe is None:
+            pipe = pipes[transaction] = self.redis.pipeline(transaction=transaction)
+        elif pipe.command_stack:  # left over by a build that failed: never send it
+            pipe.reset()
+        return pipe
+
+    def ping(self) -> None:
+        """Raise :class:`BrokerUnavailable` unless Redis answers."""
+        try:
+            self.redis.ping()
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(
+                f"the broker at {self.safe_url} does not answer: {exc}") from None
+
+    @property
+    def safe_url(self) -> str:
+        """The broker URL without its password, for logs and messages."""
+        return safe_url(self.url)
+
+    def now(self) -> float:
+        """Redis's clock: one clock for every host's heartbeats and failures."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
+
+    def pop_all(self, key: str, timeout: float) -> list[bytes]:
+        """Wait up to ``timeout`` seconds for the list ``key`` to hold something; take and
+        return all it holds."""
+        first = self.redis.blpop([key], timeout=blocking(timeout))
+        if first is None:
+            return []
+        pipe = self.pipeline(transaction=True)
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key)
+        try:
+            rest, _ = pipe.execute()
+        except redis.RedisError:
+            return [first[1]]  # the popped one must not be lost; the rest wait for the next call
+        return [first[1], *rest]
+
+    def take_all(self, key: str) -> list[bytes]:
+        """Read and empty the list ``key`` in one step."""
+        pipe = self.pipeline(transaction=True)  # MULTI: read and empty at once
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key)
+        raw, _ = pipe.execute()
+        return list(raw)
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def blocking(seconds: float) -> float:
+    """A BLPOP timeout that waits: Redis counts it in whole milliseconds, and one that rounds
+    to 0 blocks forever (a request 0.1 ms from its deadline waited out the 10 s socket
+    timeout)."""
+    return max(round(seconds, 3), 0.01)
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def decoded(raw: dict[bytes, bytes]) -> dict[str, str]:
+    """A hash as Redis returns it, as text."""
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of the dataclass ``cls`` (a record written by
+    another version of inferq may have more)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
