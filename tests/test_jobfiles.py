@@ -4,6 +4,7 @@ back to their checkpoint. Local files here; S3 (moto's server) for the multipart
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from helpers import S3_PART_MIN_BYTES
@@ -94,6 +95,27 @@ def test_a_local_output_resumes_cut_back_to_its_checkpoint(tmp_path):
     path.write_text("")  # someone emptied it: the job cannot go on
     with pytest.raises(JobError, match="fewer than the 2 the job wrote"):
         open_sink(str(path), state)
+
+
+def test_an_output_that_cannot_go_on_is_not_left_open(tmp_path):
+    """A job whose output was changed outside it fails, and the failed resume keeps no
+    handle on the file, not even while its error is being reported."""
+    path = tmp_path / "out.jsonl"
+    sink = open_sink(str(path))
+    sink.write("a\n")
+    state = sink.state()
+    sink.close()
+    path.write_text("")
+    with pytest.raises(JobError, match="changed outside the job") as caught:
+        open_sink(str(path), state)
+    assert str(path) not in _open_files(), "the failed resume left its output open"
+    assert caught.value  # the error (and its traceback) still in hand above
+
+
+def _open_files() -> set[str]:
+    folder = "/proc/self/fd"
+    return {os.readlink(os.path.join(folder, fd)) for fd in os.listdir(folder)
+            if os.path.islink(os.path.join(folder, fd))}
 
 
 def test_a_lazy_output_exists_only_once_written(tmp_path):

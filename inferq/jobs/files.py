@@ -269,23 +269,27 @@ class LocalSink(Sink):
 
     def _open(self, *, resume: bool) -> None:
         try:
-            if resume:
-                self.file = open(self.path, "r+b")  # noqa: SIM115
-                size = os.fstat(self.file.fileno()).st_size
-                if size < self.offset:
-                    raise JobError(f"output {self.uri}: it holds {size} bytes, fewer than the "
-                                   f"{self.offset} the job wrote: it was changed outside the "
-                                   "job, which cannot go on without them")
-                self.file.truncate(self.offset)  # what was written after the checkpoint
-                self.file.seek(self.offset)
-            else:
-                self.file = open(self.path, "wb")  # noqa: SIM115
+            # Held open until close(): the sink appends to it between checkpoints.
+            file = open(self.path, "r+b" if resume else "wb")  # noqa: SIM115
         except FileNotFoundError:
             raise JobError(f"output {self.uri}: no such file (it was removed since the job "
                            "began)" if resume else f"output {self.uri}: its folder does not "
                            "exist") from None
         except OSError as exc:
             raise JobError(f"output {self.uri}: cannot write it: {exc}") from None
+        try:
+            if resume:
+                size = os.fstat(file.fileno()).st_size
+                if size < self.offset:
+                    raise JobError(f"output {self.uri}: it holds {size} bytes, fewer than the "
+                                   f"{self.offset} the job wrote: it was changed outside the "
+                                   "job, which cannot go on without them")
+                file.truncate(self.offset)  # what was written after the checkpoint
+                file.seek(self.offset)
+        except BaseException:
+            file.close()  # a job that fails here must not keep its output open
+            raise
+        self.file = file
 
     def write(self, text: str) -> bool:
         if self.file is None:
