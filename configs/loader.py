@@ -75,14 +75,37 @@ def load_project(project_dir: str | os.PathLike[str]) -> Deployment:
     if not apis and not report.problems:
         report.add("", "", 'no APIs: add a resource with "kind: api"')
     _check_unique(apis, report)
-    if report.problems or deployment is None:
-        raise ConfigError(report.problems)
+    problems = list(report.problems)
+    problems += _python_problems([api for _, api, _ in apis if api is not None], root)
+    if problems or deployment is None:
+        raise ConfigError(problems)
     return Deployment(
         name=deployment,
         apis=tuple(api for _, api, _ in apis if api is not None),  # all, with no problem
         project_dir=root.resolve(),
         config_file=config_file.resolve(),
     )
+
+
+def _python_problems(apis: list[Api], root: Path) -> list[Problem]:
+    """A syntax error in a predictor or request handler, found by compiling it (nothing of
+    it runs), named by the file as the user sees it and its line."""
+    files = {api.predictor.path if api.predictor else api.onnx_spec.request_handler
+             for api in apis}
+    problems = []
+    for name in sorted(name for name in files if name):
+        path = root / name
+        shown = os.path.normpath(path)  # beside cortex.yaml, as the user named that
+        try:
+            compile(path.read_bytes(), shown, "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            where = f"line {exc.lineno}" + (f", column {exc.offset}" if exc.offset else "")
+            code = f": {exc.text.strip()}" if exc.text and exc.text.strip() else ""
+            problems.append(Problem(shown, where,
+                                    f"{type(exc).__name__}: {exc.msg}{code}"))
+        except (OSError, ValueError) as exc:  # unreadable, or a null byte in the source
+            problems.append(Problem(shown, "", f"cannot be compiled: {exc}"))
+    return problems
 
 
 # -- the YAML file ------------------------------------------------------------------------------

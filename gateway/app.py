@@ -9,7 +9,8 @@ Every answer to an API call is JSON. The status codes (the README, "HTTP"):
 405    a method other than GET / POST on an endpoint
 413    the body is over ``max_body`` bytes
 500    ``predict()`` raised, or the replica died twice: ``prediction failed: <message>``
-503    the API's queue is full or the broker is unreachable (with ``Retry-After``)
+503    the API's queue is full, the broker is unreachable, or the API cannot serve now (no
+       replica live and none coming: its status and reason in the body); ``Retry-After``
 504    no replica answered within the API's ``compute.timeout``
 =====  ===================================================================================
 """
@@ -28,6 +29,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from inferq import keys
 from inferq.client import Client
 from inferq.errors import (
+    ApiUnavailable,
     BrokerUnavailable,
     InvalidSample,
     PredictionError,
@@ -168,6 +170,7 @@ def _predict(client: Client, batchers: Batchers, deployed: DeployedApi, sample: 
     if batcher is None:
         return client.predict(deployed.name, sample, debug=debug, endpoint=endpoint,
                               still_wanted=still_wanted, checked=True)
+    client.check_serving(deployed)
     timeout = deployed.api.compute.timeout
     request_id = uuid.uuid4().hex
     reply_to = keys.reply(f"{client.id}:{request_id}")
@@ -227,6 +230,9 @@ def _serve(client: Client, batchers: Batchers, deployed: DeployedApi, endpoint: 
         return _json({"error": str(exc)}, 404)
     except QueueFull as exc:
         return _json({"error": str(exc), "api": name}, 503, retry_after=exc.retry_after)
+    except ApiUnavailable as exc:
+        return _json({"error": str(exc), "api": name, "status": exc.status,
+                      "reason": exc.reason}, 503, retry_after=exc.retry_after)
     except BrokerUnavailable as exc:
         return _json({"error": str(exc), "api": name}, 503, retry_after=1)
     except RequestWithdrawn:
@@ -289,4 +295,5 @@ def _json(payload: dict[str, Any], status: int, *, retry_after: int | None = Non
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """Compact JSON and a newline, so a terminal's prompt starts on a line of its own."""
+    return json.dumps(value, separators=(",", ":")) + "\n"

@@ -1,6 +1,7 @@
 """inferq: Cortex-style model serving on Celery workers, a Redis queue and a Flask gateway."""
 
 from inferq.errors import (
+    ApiUnavailable,
     BrokerUnavailable,
     ConfigError,
     InferqError,
@@ -16,6 +17,7 @@ from inferq.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApiUnavailable",
     "BrokerUnavailable",
     "Client",
     "ConfigError",

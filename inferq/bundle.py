@@ -58,10 +58,11 @@ def project_files(project_dir: Path, *, max_files: int | None = None) -> list[Pa
     return sorted(found, key=lambda p: p.relative_to(project_dir).as_posix())
 
 
-def pack(project_dir: str | os.PathLike, *, limit: int | None = None,
-         max_files: int | None = None) -> Bundle:
-    """Bundle ``project_dir``; raise :class:`BundleTooLarge` over ``limit`` bytes or
-    ``max_files`` files (default :data:`MAX_BUNDLE_BYTES`, :data:`MAX_BUNDLE_FILES`)."""
+def check(project_dir: str | os.PathLike, *, limit: int | None = None,
+          max_files: int | None = None) -> dict[Path, int]:
+    """The files that go into the bundle and their sizes; :class:`BundleTooLarge` over
+    ``limit`` bytes or ``max_files`` files (default :data:`MAX_BUNDLE_BYTES`,
+    :data:`MAX_BUNDLE_FILES`). ``deploy --dry-run`` checks this much, ``deploy`` then packs."""
     project_dir = Path(project_dir)
     limit = MAX_BUNDLE_BYTES if limit is None else limit
     files = project_files(project_dir,
@@ -70,6 +71,17 @@ def pack(project_dir: str | os.PathLike, *, limit: int | None = None,
     total = sum(sizes.values())
     if total > limit:
         raise BundleTooLarge([_too_large(project_dir, sizes, total, limit)])
+    return sizes
+
+
+def pack(project_dir: str | os.PathLike, *, limit: int | None = None,
+         max_files: int | None = None) -> Bundle:
+    """Bundle ``project_dir``; raise :class:`BundleTooLarge` over ``limit`` bytes or
+    ``max_files`` files (see :func:`check`)."""
+    project_dir = Path(project_dir)
+    sizes = check(project_dir, limit=limit, max_files=max_files)
+    files = list(sizes)
+    total = sum(sizes.values())
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in files:

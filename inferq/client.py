@@ -28,6 +28,7 @@ import redis
 
 from inferq import keys, messages, stack
 from inferq.errors import (
+    ApiUnavailable,
     BrokerUnavailable,
     InvalidSample,
     PredictionError,
@@ -40,12 +41,13 @@ from inferq.errors import (
 )
 from inferq.futures import ReplyListener, RequestFuture, Waiter, withdraw
 from inferq.jobs import Job, Jobs
-from inferq.registry import Admission, DeployedApi, Registry
+from inferq.registry import Admission, DeployedApi, Registry, Serving
 from inferq.samples import batch_fits, check_sample
 
 log = logging.getLogger("inferq.client")
 
 POLL_SECONDS = 0.5  # how often a waiting predict() asks whether its caller still wants it
+SERVING_CHECK_SECONDS = 0.5  # how long what the registry says of an API's replicas is trusted
 
 
 class Client:
@@ -68,6 +70,7 @@ class Client:
         self._apis: dict[str, DeployedApi] = {}
         self._changes = -1
         self._apis_lock = threading.Lock()
+        self._serving: dict[str, tuple[float, Serving]] = {}  # API -> (when read, serving)
         self._replies = ReplyListener(self.registry, self.reply_key)
 
     # -- public API ---------------------------------------------------------------------------
@@ -85,8 +88,11 @@ class Client:
         With ``endpoint`` (the gateway), :class:`UnknownAPI` also when the API moved.
         :class:`InvalidSample` for a sample that is not JSON-serialisable, nests deeper than
         100 levels or is over 256 MiB (``checked``: the caller checked it already).
+        :class:`ApiUnavailable` at once, nothing queued, when no replica is live and none is
+        coming (see :meth:`check_serving`).
         """
         deployed = self._deployed(api)
+        self.check_serving(deployed)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         task_id = uuid.uuid4().hex
         reply_to = keys.reply(f"{self.id}:{task_id}")
@@ -99,6 +105,27 @@ class Client:
         return self.await_reply(api, reply_to, deadline, timeout, reply=reply,
                                 still_wanted=still_wanted,
                                 withdraw=lambda: withdraw(self.registry, queue, message))
+
+    def check_serving(self, deployed: DeployedApi) -> None:
+        """Raise :class:`ApiUnavailable` when ``deployed`` cannot serve a request now: no
+        replica is live and its status is an error of its version or ``compute
+        unavailable``, or no scaler runs to start a replica. An API starting or scaling from
+        zero passes (a request waits for it). What the registry says is read at most every
+        :data:`SERVING_CHECK_SECONDS` per API, so this costs no round trip per request."""
+        now = time.monotonic()
+        known = self._serving.get(deployed.name)
+        if known is None or now - known[0] >= SERVING_CHECK_SECONDS:
+            try:
+                known = (now, self.registry.replicas.serving(deployed.name))
+            except redis.RedisError:
+                return  # queueing says the broker is away
+            self._serving[deployed.name] = known
+        unavailable = known[1].unavailable(deployed.version)
+        if unavailable is not None:
+            status, reason = unavailable
+            said = f"its status is {status}: " if status else ""
+            raise ApiUnavailable(f'api "{deployed.name}" cannot serve now: {said}{reason}',
+                                 api=deployed.name, status=status, reason=reason)
 
     def await_reply(self, api: str, reply_to: str, deadline: float, timeout: float, *,
                     reply: dict[str, Any] | None = None,

@@ -71,6 +71,21 @@ class PredictionTimeout(PredictionError):
     """No replica answered within the API's timeout."""
 
 
+class ApiUnavailable(InferqError):
+    """An API cannot serve a request now: no replica of it is live, and its status says none
+    will be soon (``error``, ``error (out of memory)``, ``error (requirements)``, ``compute
+    unavailable``), or no scaler runs to start one. ``status`` and ``reason`` say why;
+    ``retry_after`` is when trying again may help (seconds). Nothing was queued."""
+
+    def __init__(self, message: str, *, api: str, status: str | None, reason: str | None,
+                 retry_after: int = 5) -> None:
+        self.api = api
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
 class UnknownRequest(InferqError):
     """No async request has that id (never queued, or past its API's ``async_retention``)."""
 

@@ -8,12 +8,14 @@ writes ``INFERQ_HOME/stack.json`` so the other commands find it without flags.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -31,8 +33,9 @@ NO_STACK = (
 
 
 def home() -> Path:
-    """``INFERQ_HOME``, default ``~/.inferq``: the embedded Redis's data, caches, stack.json."""
-    return Path(os.environ.get("INFERQ_HOME") or Path.home() / ".inferq")
+    """``INFERQ_HOME``, default ``~/.inferq``: the embedded Redis's data, caches, stack.json
+    (absolute: a replica works in its project's folder)."""
+    return Path(os.environ.get("INFERQ_HOME") or Path.home() / ".inferq").expanduser().absolute()
 
 
 def host_name() -> str:
@@ -94,6 +97,63 @@ def gateway_url() -> str:
     if info is not None and info.gateway_url:
         return info.gateway_url
     return "http://127.0.0.1:8888"
+
+
+@dataclass(frozen=True)
+class PortClaim:
+    """A port an ``inferq up`` of this user serves its gateway on, whatever its INFERQ_HOME:
+    a second stack is told which one holds the port it wants."""
+
+    port: int
+    pid: int  # the ``inferq up`` process
+    home: str
+    broker_url: str
+
+    @staticmethod
+    def folder() -> Path:
+        """Per user and machine (``$XDG_RUNTIME_DIR`` or the temporary folder)."""
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        return Path(base) / f"inferq-{os.getuid()}" / "ports"
+
+    @classmethod
+    def read(cls, port: int) -> PortClaim | None:
+        """The live claim of ``port``, or None (a claim whose process is gone is stale)."""
+        try:
+            claim = cls(**json.loads((cls.folder() / f"{port}.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        return claim if pid_alive(claim.pid) else None
+
+    def write(self) -> None:
+        self.folder().mkdir(parents=True, exist_ok=True)
+        path = self.folder() / f"{self.port}.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(path)
+
+    def release(self) -> None:
+        if PortClaim.read(self.port) == self:
+            (self.folder() / f"{self.port}.json").unlink(missing_ok=True)
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` already (binding it fails)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def free_port_from(host: str, port: int) -> int:
+    """The first port from ``port`` up that nothing listens on."""
+    while port < 65535 and port_taken(host, port):
+        port += 1
+    return port
 
 
 class StackLock:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -109,6 +110,9 @@ class Scaler:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         log.info("scaler %s: %s", self.host, self.capacity.describe())
+        if os.getuid() == 0:
+            log.warning("running as root, and so do the replicas: prefer an unprivileged user "
+                        "(the Docker image uses one)")
         forgotten = False
         try:
             while not self._stop.is_set():
@@ -358,7 +362,8 @@ class Scaler:
                 continue
             kind, message = self._failure(replica, code, record, deployed[replica.api])
             delay = self.backoff.setdefault(replica.api, _Backoff()).failed(now, replica.version)
-            self.registry.replicas.set_failure(replica.api, self.host, kind, message)
+            self.registry.replicas.set_failure(replica.api, self.host, kind, message,
+                                               version=replica.version)
             self.failed_here.add(replica.api)
             log.error('api "%s": %s; next replica in %.0fs', replica.api, message, delay)
 

@@ -142,7 +142,8 @@ class Scalers:
         self.descendants: set[int] = set()
 
     def start(self, host: str = "host-a", *, cpu: str | None = None, mem: str | None = None,
-              gpus: int | None = 0) -> subprocess.Popen:
+              gpus: int | None = 0, wait: bool = True) -> subprocess.Popen:
+        """Start the scaler of ``host``; with ``wait``, return once it beats (it may lead)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         args = inferq_command("scaler", "--host-name", host)
         for flag, value in (("--cpu", cpu), ("--mem", mem), ("--gpus", gpus)):
@@ -154,6 +155,13 @@ class Scalers:
                             stdout=log, stderr=subprocess.STDOUT)
         process.log_path = log_path
         self.processes[host] = process
+        if wait:
+            def beats() -> bool:
+                if process.poll() is not None:
+                    raise AssertionError(f"the scaler exited:\n{self.log(host)}")
+                return host in self.registry.hosts.all()
+
+            wait_until(beats, 60, what=f"the scaler of {host} beating")
         return process
 
     def log(self, host: str = "host-a") -> str:

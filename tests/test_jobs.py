@@ -108,7 +108,7 @@ def test_a_job_from_a_local_file_keeps_input_order_and_a_dead_letter(
     done = subprocess.run(inferq_command("batch", "submit", "scorer", str(source), "--wait",
                                          "--batch-size", "16", "--window", "64"),
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # --wait: 0 only for a job that succeeded
     assert "completed with failures" in done.stdout
     assert "497 done, 3 failed, of 500" in done.stdout
 

@@ -293,22 +293,27 @@ BROKEN = {
         """,
         ["bad_signature.py: predict(sample) cannot be called as predict(sample, metadata)"],
     ),
+    # deploy refuses a predictor with a syntax error; one in a module it imports shows here
     "syntax-error": (
         "syntax_error.py",
         """
-        def predict(sample, metadata)
+        import broken_helper
+
+
+        def predict(sample, metadata)  :
             return sample
         """,
         ["syntax_error.py: importing it failed", "Traceback (most recent call last)",
-         "SyntaxError"],
+         'File "broken_helper.py", line 2', "SyntaxError"],
     ),
 }
+HELPERS = {"broken_helper.py": "\ndef helper(sample)\n    return sample\n"}
 
 
 def test_a_predictor_that_cannot_start_stops_its_replica_with_the_file_and_traceback(
         tmp_path, registry, replicas):
     config = _deployment(*(_one_api(api, predictor=file) for api, (file, _, _) in BROKEN.items()))
-    files = {file: text for file, text, _ in BROKEN.values()}
+    files = {file: text for file, text, _ in BROKEN.values()} | HELPERS
     deploy(write_project(tmp_path / "broken", config, files), registry)
     processes = {api: replicas.start(api, wait_live=False) for api in BROKEN}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -38,7 +39,7 @@ def import_file(path: Path, *, label: str) -> ModuleType:
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise PredictorError(
-            f"{label}: importing it failed:\n{_user_traceback(exc, path)}"
+            f"{label}: importing it failed:\n{_user_traceback(exc, path, label)}"
         ) from exc
     return module
 
@@ -89,7 +90,7 @@ class PythonPredictor:
                 init(str(model_path) if model_path is not None else None, metadata)
             except Exception as exc:
                 raise PredictorError(
-                    f"{label}: init() raised:\n{_user_traceback(exc, path)}"
+                    f"{label}: init() raised:\n{_user_traceback(exc, path, label)}"
                 ) from exc
 
     def predict(self, sample: Any) -> Any:
@@ -104,14 +105,26 @@ class PythonPredictor:
         return self._predict_batch(samples, self.metadata)
 
 
-def _user_traceback(exc: BaseException, path: Path) -> str:
-    """The traceback from the first frame of the user's project on (inferq's frames add noise)."""
+def project_root(path: Path, label: str) -> Path:
+    """The project folder of the file at ``path`` whose project-relative name is ``label``."""
+    return path.parents[len(Path(label).parts) - 1]
+
+
+def project_relative(text: str, root: Path) -> str:
+    """``text`` with the project's files named as in the project (``predictor.py``), not by
+    where this host unpacked it (``INFERQ_HOME/cache/bundles/<hash>/predictor.py``)."""
+    return text.replace(f"{root}{os.sep}", "")
+
+
+def _user_traceback(exc: BaseException, path: Path, label: str) -> str:
+    """The traceback from the first frame of the user's project on (inferq's frames add
+    noise), the project's files named as in the project."""
     frames: list[traceback.FrameSummary] = list(traceback.extract_tb(exc.__traceback__))
-    project = str(path.parent)
+    root = project_root(path, label)
     for index, frame in enumerate(frames):
-        if frame.filename.startswith(project):
+        if frame.filename.startswith(f"{root}{os.sep}"):
             frames = frames[index:]
             break
     lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
     lines += traceback.format_exception_only(type(exc), exc)
-    return "".join(lines).rstrip()
+    return project_relative("".join(lines).rstrip(), root)

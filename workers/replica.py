@@ -4,7 +4,8 @@ Bootstrap is a short sequence of named steps, run in the process that serves pre
 (never in a parent that forks afterwards: CUDA does not survive a fork, celery #3402):
 
     resolve the API -> fetch its bundle -> install its requirements.txt (once per host)
-    -> python_path on sys.path -> fetch the model -> import the predictor and run init() -> live
+    -> python_path on sys.path -> the project's folder as working directory
+    -> fetch the model -> import the predictor and run init() -> live
 
 Each step that fails raises :class:`PredictorError` with the file and traceback; the replica
 is then marked ``error`` in the registry, with the error's ``kind`` (``requirements`` for a
@@ -25,8 +26,8 @@ from inferq import stack
 from inferq.bundle import unpack
 from inferq.configs import Api
 from inferq.errors import PredictionError, PredictorError, UnknownAPI
-from inferq.messages import Outcome
-from inferq.registry import DeployedApi, FailureKind, Registry, ReplicaStatus
+from inferq.messages import Command, Outcome
+from inferq.registry import DeployedApi, FailureKind, Registry, ReplicaStatus, Telemetry
 from inferq.workers import requirements
 from inferq.workers.models import fetch_model
 from inferq.workers.predictor import PythonPredictor, import_file
@@ -38,12 +39,14 @@ log = logging.getLogger("inferq.replica")
 class Replica:
     """A loaded predictor of one deployed API, ready to predict."""
 
-    def __init__(self, deployed: DeployedApi, predictor: Any, replica: str,
+    def __init__(self, deployed: DeployedApi, predictor: Any, replica: str, project: Path,
                  tracker: PredictionTracker | None = None) -> None:
         self.deployed = deployed
         self.api: Api = deployed.api
         self.predictor = predictor
         self.id = replica
+        self.project = project  # the unpacked project folder (the working directory)
+        self._predicted = self._failed = 0  # samples predicted since the last take_tracking
         self.tracker = tracker
         self._batch_failed_once = False
 
@@ -65,6 +68,12 @@ class Replica:
         """Each sample's prediction or error, in order: with ``predict_batch`` in one call
         when the predictor has it, else ``predict`` per sample. A sample that fails fails
         alone (when ``predict_batch`` raises, each sample is predicted alone to tell which)."""
+        outcomes = self._predict_many(samples, debug)
+        self._predicted += len(outcomes)
+        self._failed += sum(1 for o in outcomes if o.error is not None)
+        return outcomes
+
+    def _predict_many(self, samples: list[Any], debug: bool) -> list[Outcome]:
         if not getattr(self.predictor, "batches", False) or len(samples) < 2:
             return [self._one(sample, debug) for sample in samples]
         if debug:
@@ -85,10 +94,12 @@ class Replica:
             return [Outcome(error=problem) for _ in samples]
         return [self._converted(p, debug, started) for p in predictions]
 
-    def take_tracking(self) -> list[tuple]:
-        """The Redis commands recording the predictions tracked since the last call (sent
-        with the acknowledgement of the message they answer)."""
-        return self.tracker.take_commands() if self.tracker is not None else []
+    def take_tracking(self) -> list[Command]:
+        """The Redis commands that count and track the predictions made since the last call
+        (sent with the acknowledgement of the message they answer)."""
+        commands = Telemetry.count_commands(self.api.name, self._predicted, self._failed)
+        self._predicted = self._failed = 0
+        return commands + (self.tracker.take_commands() if self.tracker is not None else [])
 
     def _one(self, sample: Any, debug: bool) -> Outcome:
         try:
@@ -130,6 +141,7 @@ def _batch_problem(predictions: Any, expected: int) -> str | None:
 
 def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
     """Load ``api_name`` as deployed now and return a live replica (see the module doc)."""
+    os.environ["INFERQ_HOME"] = str(stack.home())  # absolute, before the working dir changes
     deployed = resolve(api_name, registry)
     registry.replicas.update(
         api_name, replica, status=ReplicaStatus.CREATING, host=stack.host_name(),
@@ -141,6 +153,7 @@ def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
         project = fetch_bundle(deployed, registry)
         install_requirements(project, api_name, registry, replica)
         add_python_path(project, deployed.api)
+        os.chdir(project)  # the predictor opens its project's files by relative path
         predictor = load_predictor(deployed.api, project)
     except PredictorError as exc:
         registry.replicas.update(api_name, replica, status=ReplicaStatus.ERROR, error=str(exc),
@@ -151,7 +164,7 @@ def bootstrap(api_name: str, registry: Registry, replica: str) -> Replica:
     log.info('api "%s": replica %s is live (version %s)', api_name, replica, deployed.version)
     tracker = deployed.api.tracker
     return Replica(
-        deployed, predictor, replica,
+        deployed, predictor, replica, project,
         PredictionTracker(api_name, tracker) if tracker is not None else None,
     )
 

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, signals, states
@@ -31,30 +32,45 @@ from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.messages import TASK_NAME, AsyncStatus, Outcome
 from inferq.registry import EXIT_INIT_FAILED, Registry
 from inferq.workers.app import make_app
+from inferq.workers.predictor import project_relative
 from inferq.workers.replica import Replica, bootstrap
 from inferq.workers.transport import QUEUE_OPTION, TAKEN_KEY_OPTION
 
 log = logging.getLogger("inferq.worker")
 
 _replica: Replica | None = None  # the loaded predictor this process serves
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _ProjectPaths(logging.Formatter):
+    """Log lines (tracebacks of predict() included) naming the project's files as in the
+    project, not by the folder this host unpacked it in."""
+
+    def __init__(self, fmt: str, project: Path) -> None:
+        super().__init__(fmt)
+        self.project = project
+
+    def format(self, record: logging.LogRecord) -> str:
+        return project_relative(super().format(record), self.project)
 
 
 def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO") -> int:
     """Bootstrap ``api``'s predictor, then serve its queue until SIGTERM (warm shutdown: the
     current request finishes). Returns the exit code."""
     global _replica
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=loglevel, format=_LOG_FORMAT)
     registry = Registry(broker_url, max_connections=4)
     registry.ping()
-    if hasattr(os, "getuid") and os.getuid() == 0:
-        # Celery's eight-line banner about root would open every replica's log; one line says it.
-        warnings.filterwarnings("ignore", category=SecurityWarning)
-        log.warning("running as root: prefer an unprivileged user (the Docker image uses one)")
+    # Celery's eight-line banner about root would open every replica's log: the scaler says
+    # it once for all its replicas.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
     try:
         _replica = bootstrap(api, registry, replica_id)
     except (PredictorError, UnknownAPI) as exc:
         log.error("%s", exc)
         return EXIT_INIT_FAILED
+    for handler in logging.getLogger().handlers:  # tracebacks name predictor.py, not the cache
+        handler.setFormatter(_ProjectPaths(_LOG_FORMAT, _replica.project))
     app = make_app(broker_url)
     app.conf.update(
         broker_transport="inferq.workers.transport:Transport",
@@ -172,10 +188,10 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
         # A batch from inferq's clients: only the samples whose caller still waits.
         now = time.time()
         live = [i for i, (_, _, expires_at) in enumerate(request.replies) if expires_at > now]
-        predicted = iter(replica.predict_many([request.samples[i] for i in live],
-                                              debug=request.debug))
+        predicted = dict(zip(live, replica.predict_many([request.samples[i] for i in live],
+                                                        debug=request.debug), strict=True))
         skipped = Outcome(error="its caller stopped waiting")  # answered to nobody
-        return [next(predicted) if i in live else skipped for i in range(len(request.samples))]
+        return [predicted.get(i, skipped) for i in range(len(request.samples))]
 
     def serve(channel: Any, request: messages.Task, message: Any) -> None:
         active = _Active(request, message, hostname)
@@ -217,7 +233,7 @@ def _strategy(task: Task, app: Celery, consumer: Any, **_: Any):
             for command in messages.dequeued(request):
                 channel.send_with_ack(*command)
             _deliver(channel, backend, request, [error] * len(request.samples))
-        for command in replica.take_tracking():  # statistics ride on the acknowledgement
+        for command in replica.take_tracking():  # counts and tracking ride on the ack
             channel.send_with_ack(*command)
         message.ack()
 

@@ -1,7 +1,9 @@
 """The ``inferq`` console script: the composition root, on top of every other part.
 
-``main`` parses the arguments and runs one command of :mod:`inferq.cli.commands`; a failure a
-user can meet ends in one line on stderr and exit status 1 (a bad argument: 2).
+``main`` parses the arguments and runs one command of :mod:`inferq.cli.commands`. A failure a
+user can meet (no broker, a stack that stopped, a missing file, a bad project) ends in one
+line on stderr and exit status 1 (a bad argument: 2); the Python traceback shows only with
+``inferq --debug COMMAND`` (or ``INFERQ_DEBUG=1``), or for a bug of inferq's own.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+
+import redis
 
 from inferq.cli import commands
 from inferq.errors import ConfigError, InferqError
@@ -21,26 +26,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    debug = args.show_traceback or os.environ.get("INFERQ_DEBUG", "") not in ("", "0")
     try:
         return args.handler(args) or 0
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        count = len(exc.problems)
-        print(f"error: {count} problem{'s' if count != 1 else ''}; nothing was deployed",
-              file=sys.stderr)
-        return 1
-    except InferqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except (InferqError, redis.RedisError) as exc:
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, ConfigError):
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            count = len(exc.problems)
+            print(f"error: {count} problem{'s' if count != 1 else ''}; nothing was deployed",
+                  file=sys.stderr)
+        elif isinstance(exc, redis.RedisError):
+            print(f"error: the broker stopped answering ({exc}); is the stack still running? "
+                  "(inferq up, or INFERQ_BROKER_URL)", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inferq", description="Serve Cortex-style predictors on Celery workers."
     )
+    parser.add_argument("--debug", dest="show_traceback", action="store_true",
+                        help="show the Python traceback of an error")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     up = sub.add_parser("up", help="run the whole stack in the foreground")
@@ -136,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     job_stop = actions.add_parser("stop", help="stop a batch job (what was predicted is kept)")
     job_stop.add_argument("job_id", metavar="JOB_ID")
     job_stop.set_defaults(handler=commands.job_stop)
+
+    broker = sub.add_parser("broker-url", help="print the broker URL the other commands use "
+                            "(INFERQ_BROKER_URL, or the running inferq up's embedded Redis)")
+    broker.set_defaults(handler=commands.broker_url)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(handler=commands.version)

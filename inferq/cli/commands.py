@@ -8,6 +8,7 @@ import sys
 import time
 
 from inferq import __version__, stack
+from inferq.errors import InferqError
 
 
 def up(args: argparse.Namespace) -> int:
@@ -18,16 +19,23 @@ def up(args: argparse.Namespace) -> int:
 
 def deploy(args: argparse.Namespace) -> int:
     if args.dry_run:
+        from inferq.bundle import check
         from inferq.configs import load_project, to_yaml
-        from inferq.workers.requirements import FILE_NAME, listed
+        from inferq.workers.requirements import FILE_NAME, listed, satisfied
 
         deployment = load_project(args.project_dir)
+        check(deployment.project_dir)  # the bundle limits a deploy applies
         sys.stdout.write(to_yaml(deployment))
         # As YAML comments, so the output stays a loadable cortex.yaml.
         wanted = listed(deployment.project_dir)
-        print(f"# {FILE_NAME}: " + (
-            "installed on each replica's host before the predictor is imported"
-            if wanted else "none (the predictor runs on inferq's own packages)"))
+        if not wanted:
+            print(f"# {FILE_NAME}: none (the predictor runs on inferq's own packages)")
+        elif satisfied(wanted):
+            print(f"# {FILE_NAME}: nothing to install, inferq's own packages satisfy it "
+                  "(as replicas on hosts like this one will find):")
+        else:
+            print(f"# {FILE_NAME}: installed on each replica's host before the predictor is "
+                  "imported")
         for line in wanted:
             print(f"#   {line}")
         return 0
@@ -48,8 +56,14 @@ def delete(args: argparse.Namespace) -> int:
     name = args.name
     if name is None:
         from inferq.configs import load_project
+        from inferq.errors import ConfigError
 
-        name = load_project(".").name
+        try:
+            name = load_project(".").name
+        except ConfigError as exc:
+            raise InferqError(f"name the deployment to delete (inferq delete DEPLOYMENT_NAME; "
+                              f"`inferq get` lists them), or run it in its project's folder "
+                              f"({exc.problems[0]})") from None
     removed = _registry().deployments.delete(name)
     print(f'deleted deployment "{name}" ({", ".join(removed) or "no APIs"})')
     return 0
@@ -75,7 +89,7 @@ def get(args: argparse.Namespace) -> int:
         elif args.api:
             text = render_api(rows[0], stack.gateway_url())
         else:
-            text = render_table(rows)
+            text = render_table(rows, _terminal_width())
             running = _running_jobs(registry)
             if running:
                 text += "\n\n" + render_jobs(running)
@@ -85,6 +99,13 @@ def get(args: argparse.Namespace) -> int:
         if not args.watch:
             return 0
         time.sleep(1)
+
+
+def _terminal_width() -> int | None:
+    """The terminal's width, or None when the output is no terminal (nothing wraps there)."""
+    import shutil
+
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
 
 
 def _running_jobs(registry) -> list[dict]:
@@ -124,7 +145,7 @@ def job_submit(args: argparse.Namespace) -> int:
 
         state = job.wait(progress=True)
         print(render_job(state))
-        return 1 if state["status"] == "failed" else 0
+        return 0 if state["status"] == "succeeded" else 1
 
 
 def job_get(args: argparse.Namespace) -> int:
@@ -217,8 +238,11 @@ def predict(args: argparse.Namespace) -> int:
     if api is None:
         print(f'error: no API named "{args.api}" is deployed (see `inferq get`)', file=sys.stderr)
         return 1
-    with open(args.sample_file, "rb") as handle:
-        body = handle.read()
+    try:
+        with open(args.sample_file, "rb") as handle:
+            body = handle.read()
+    except OSError as exc:
+        raise InferqError(f"{args.sample_file}: cannot read it ({exc.strerror})") from None
     url = stack.gateway_url() + api.api.endpoint + ("?debug=true" if args.debug else "")
     call = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -232,6 +256,11 @@ def predict(args: argparse.Namespace) -> int:
         print(f"error: the gateway at {url} does not answer ({exc.reason}); is `inferq up` "
               "running?", file=sys.stderr)
         return 1
+
+
+def broker_url(args: argparse.Namespace) -> int:
+    print(stack.broker_url())
+    return 0
 
 
 def version(args: argparse.Namespace) -> int:

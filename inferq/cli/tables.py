@@ -65,7 +65,8 @@ def _stopping_row(registry: Registry, name: str) -> dict[str, Any]:
         "reason": f"deleted; {len(replicas)} replica(s) finishing their requests",
         "up_to_date": 0, "requested": 0,
         "last_update": max((r.updated_at for r in replicas), default=0),
-        "avg_latency": None, "2xx": 0, "4xx": 0, "5xx": 0, "hosts": _hosts(replicas),
+        "avg_latency": None, "2xx": 0, "4xx": 0, "5xx": 0, "predictions": 0,
+        "prediction_errors": 0, "hosts": _hosts(replicas),
         "endpoint": None, "version": None,
     }
 
@@ -88,6 +89,8 @@ def _row(registry: Registry, deployed: DeployedApi, *, detail: bool) -> dict[str
         "2xx": stats.ok,
         "4xx": stats.client_errors,
         "5xx": stats.server_errors,
+        "predictions": stats.predictions,
+        "prediction_errors": stats.prediction_errors,
         "hosts": _hosts(replicas),
         "endpoint": deployed.api.endpoint,
         "version": deployed.version,
@@ -110,33 +113,57 @@ def _hosts(replicas: list[ReplicaRecord]) -> dict[str, int]:
     return dict(sorted(hosts.items()))
 
 
-def render_table(rows: list[dict[str, Any]]) -> str:
+_TABLE = ("api", "status", "up-to-date", "requested", "last update", "avg latency", "2XX",
+          "4XX", "5XX", "hosts")
+_NUMERIC = {"up-to-date", "requested", "replicas", "avg latency", "2XX", "4XX", "5XX"}
+# Narrower and narrower, until the table fits the terminal: without the hosts, without the
+# last update, then up-to-date and requested in one column (``inferq get API_NAME`` has all).
+_NARROWER = (
+    [c for c in _TABLE if c != "hosts"],
+    [c for c in _TABLE if c not in ("hosts", "last update")],
+    ["api", "status", "replicas", "avg latency", "2XX", "4XX", "5XX"],
+)
+
+
+def render_table(rows: list[dict[str, Any]], width: int | None = None) -> str:
+    """Cortex's table (avg latency and 2XX/4XX/5XX count the gateways' HTTP answers) and
+    the hosts, narrowed to fit ``width`` characters when given (see :data:`_NARROWER`)."""
     if not rows:
         return "no APIs are deployed (deploy one with `inferq deploy PROJECT_DIR`)"
-    header = ("api", "status", "up-to-date", "requested", "last update", "avg latency",
-              "2XX", "4XX", "5XX", "hosts")
-    lines = [header] + [
-        (
-            r["api"],
-            r["status"],
-            str(r["up_to_date"]),
-            str(r["requested"]),
-            age(r["last_update"]),
-            _latency(r["avg_latency"]),
-            _count(r["2xx"]),
-            _count(r["4xx"]),
-            _count(r["5xx"]),
-            ", ".join(f"{h} ({n})" for h, n in r["hosts"].items()) or "-",
-        )
-        for r in rows
-    ]
-    return _columns(lines, numeric={2, 3, 5, 6, 7, 8})
+    cells = [dict(zip(_TABLE, (
+        r["api"],
+        r["status"],
+        str(r["up_to_date"]),
+        str(r["requested"]),
+        age(r["last_update"]),
+        _latency(r["avg_latency"]),
+        _count(r["2xx"]),
+        _count(r["4xx"]),
+        _count(r["5xx"]),
+        ", ".join(f"{h} ({n})" for h, n in r["hosts"].items()) or "-",
+    ), strict=True)) for r in rows]
+    for row in cells:
+        row["replicas"] = f"{row['up-to-date']}/{row['requested']}"
+    text = _table(list(_TABLE), cells)
+    for columns in _NARROWER:
+        if width is None or max(len(line) for line in text.splitlines()) <= width:
+            break
+        text = _table(columns, cells)
+    return text
+
+
+def _table(columns: list[str], cells: list[dict[str, str]]) -> str:
+    lines = [columns] + [[row[c] for c in columns] for row in cells]
+    return _columns(lines, numeric={i for i, c in enumerate(columns) if c in _NUMERIC})
 
 
 def render_api(row: dict[str, Any], gateway: str) -> str:
     from inferq.configs import Api, api_yaml
 
-    lines = [render_table([row]), "", f"endpoint: {gateway}{row['endpoint']}"]
+    lines = [render_table([row]), "", f"endpoint: {gateway}{row['endpoint']}",
+             f"predictions: {row['predictions']:,} by every way (HTTP, Python, plain Celery, "
+             f"jobs), {row['prediction_errors']:,} failed; 2XX/4XX/5XX and avg latency: HTTP "
+             "answers of the gateways"]
     if row["reason"]:
         lines.append("reason:")
         lines.extend(_error_lines(row["reason"]))

@@ -1,30 +1,39 @@
 """``inferq up``: the whole stack in the foreground on this machine.
 
-It starts the broker (an embedded Redis unless ``INFERQ_BROKER_URL`` is set), the gateway
-and the scaler as child processes, deploys the project if one is given, and prints its
-endpoints. A child that dies is restarted; the embedded Redis on the same port with the same
-append-only file, so queued requests and deployments survive it and the gateway and replicas
-reconnect (the gateway answers 503 meanwhile). Ctrl-C or SIGTERM stops the children in
-reverse order and leaves no process behind (children also die with it if it is SIGKILLed).
+It refuses at once a port that another stack or program listens on; then it starts the
+broker (an embedded Redis unless ``INFERQ_BROKER_URL`` is set), the gateway and the scaler as
+child processes, deploys the project if one is given, waits until the gateway answers, and
+prints the endpoints (of every deployed API when no project is given). A child that dies is
+restarted; the embedded Redis on the same port with the same append-only file, so queued
+requests and deployments survive it and the gateway and replicas reconnect (the gateway
+answers 503 meanwhile). Ctrl-C or SIGTERM stops the children in reverse order and leaves no
+process behind (children also die with it if it is SIGKILLed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from inferq import stack
+from inferq.configs import Deployment
 from inferq.deploy import deploy
 from inferq.errors import BrokerUnavailable, InferqError
 from inferq.processes import spawn, stop
 from inferq.registry import Registry
 
+READY_SECONDS = 60.0  # the gateway answers within this, or the stack stops
 RESTART_BACKOFF_MAX = 30.0
 BROKER_RESTARTS_IN_A_ROW = 5  # then the embedded Redis is given up on: the stack stops
 
@@ -65,23 +74,66 @@ class Up:
 
     def run(self) -> int:
         lock = stack.StackLock()
-        lock.acquire()
+        lock.acquire()  # another stack of this INFERQ_HOME: refused, nothing started
+        claim = None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            self._check_port()  # taken by another stack or program: refused, nothing started
             url = self._start_broker()
+            claim = stack.PortClaim(self.port, os.getpid(), str(stack.home()), url)
+            claim.write()
             gateway = f"http://{self.host}:{self.port}"
             stack.StackInfo(pid=os.getpid(), broker_url=url, gateway_url=gateway).write()
             self._start_services(url)
-            if self.project_dir is not None:
-                self._deploy(self.project_dir, url, gateway)
+            deployed = self._deploy(self.project_dir, url) if self.project_dir else None
+            self._wait_ready(gateway, Registry(url))
+            self._show_endpoints(url, gateway, deployed)
             self._say(f"inferq is up (broker {Registry(url).safe_url}); press Ctrl-C to stop")
+            if self.redis is not None:
+                self._say("  other shells find it with: export INFERQ_BROKER_URL=$(inferq "
+                          "broker-url)")
             self._supervise()
             return 0
         finally:
             self._shutdown()
+            if claim is not None:
+                claim.release()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             lock.release()
+
+    def _check_port(self) -> None:
+        """Refuse at once, in one line, a port that another stack or program listens on."""
+        if not stack.port_taken(self.host, self.port):
+            return
+        free = stack.free_port_from(self.host, self.port + 1)
+        holder = stack.PortClaim.read(self.port)
+        if holder is not None:
+            raise InferqError(
+                f"port {self.port} is taken by the inferq stack of INFERQ_HOME={holder.home} "
+                f"(pid {holder.pid}): use it (export INFERQ_HOME={holder.home}), stop it "
+                f"(Ctrl-C in its terminal), or start this one on a free port: "
+                f"inferq up --port {free}")
+        raise InferqError(f"port {self.port} on {self.host} is taken by another program: start "
+                          f"on a free port, e.g. inferq up --port {free}")
+
+    def _wait_ready(self, gateway: str, registry: Registry) -> None:
+        """Until the gateway answers and the scaler beats: "inferq is up" means a request
+        sent now is served. A gateway that exits before it ever answered stops the stack (its
+        error is above)."""
+        service = next(s for s in self.services if s.name == "gateway")
+        deadline = time.monotonic() + READY_SECONDS
+        while not self._stop.is_set():
+            if service.process is None or service.process.poll() is not None:
+                raise InferqError("the gateway could not start (its error is above); stopping")
+            with (contextlib.suppress(OSError, urllib.error.URLError, redis.RedisError),
+                  urllib.request.urlopen(gateway + "/healthz", timeout=1) as answer):
+                if answer.status == 200 and registry.hosts.all():
+                    return
+            if time.monotonic() > deadline:
+                raise InferqError(f"the gateway does not answer at {gateway} after "
+                                  f"{READY_SECONDS:.0f}s; stopping")
+            self._stop.wait(0.05)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stop.set()
@@ -110,21 +162,37 @@ class Up:
             ("scaler", ["scaler"]),
         ]
 
-    def _deploy(self, project_dir: str, url: str, gateway: str) -> None:
+    def _deploy(self, project_dir: str, url: str) -> Deployment:
         registry = Registry(url)
         try:
             deployment, result = deploy(project_dir, registry)
         finally:
             registry.close()
         for api in deployment.apis:
-            change = result.changes[api.name]
-            self._say(f'api "{api.name}" ({change}): {gateway}{api.endpoint}')
-            sample = Path(deployment.project_dir, "sample.json")
-            data = f"@{sample}" if sample.is_file() else "'{}'"
-            self._say(
-                f"  curl {gateway}{api.endpoint} -X POST "
-                f"-H 'Content-Type: application/json' -d {data}"
-            )
+            self._say(f'api "{api.name}": {result.changes[api.name]}')
+        return deployment
+
+    def _show_endpoints(self, url: str, gateway: str, deployment: Deployment | None) -> None:
+        """Each API's endpoint and a curl line: of the project deployed now, or, without one,
+        of every API the stack had deployed before (its broker keeps them)."""
+        if deployment is not None:
+            apis = list(deployment.apis)
+            folder: Path | None = deployment.project_dir
+        else:
+            registry = Registry(url)
+            try:
+                apis = [d.api for d in registry.deployments.apis()]
+            finally:
+                registry.close()
+            folder = None
+            if not apis:
+                self._say("no API is deployed yet: inferq deploy PROJECT_DIR")
+        for api in apis:
+            sample = Path(folder, "sample.json") if folder is not None else None
+            data = f"@{sample}" if sample is not None and sample.is_file() else "'{}'"
+            self._say(f'api "{api.name}": {gateway}{api.endpoint}')
+            self._say(f"  curl {gateway}{api.endpoint} -X POST "
+                      f"-H 'Content-Type: application/json' -d {data}")
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.2):

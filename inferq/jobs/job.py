@@ -54,14 +54,18 @@ class Job:
 
 
 def _show(bar: Any, state: dict[str, Any]) -> Any:
+    """The progress bar of a job: samples written and the job's own rate (tqdm's would count
+    from when this process started watching, not from when the job did)."""
     if bar is None:
         from tqdm import tqdm
 
-        bar = tqdm(total=state["total"], desc=f"{state['api']} {state['id']}", unit="sample")
+        bar = tqdm(total=state["total"], desc=f"{state['api']} {state['id']}", unit="sample",
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     if state["total"] is not None and bar.total != state["total"]:
         bar.total = state["total"]
     bar.n = state["done"] + state["failed"]
-    bar.set_postfix_str(state["status"] + (f", {state['failed']} failed" if state["failed"]
-                                           else ""), refresh=False)
+    rate = f", {state['rate']:.0f} samples/s" if state["rate"] else ""
+    failed = f", {state['failed']} failed" if state["failed"] else ""
+    bar.set_postfix_str(f"{state['status']}{rate}{failed}", refresh=False)
     bar.refresh()
     return bar

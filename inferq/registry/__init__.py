@@ -40,6 +40,7 @@ from inferq.registry.replicas import (
     ReplicaRecord,
     Replicas,
     ReplicaStatus,
+    Serving,
     Usage,
     replica_id,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "ReplicaStatus",
     "Replicas",
     "RequestStats",
+    "Serving",
     "Store",
     "Telemetry",
     "TrackerStats",

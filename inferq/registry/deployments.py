@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from inferq import keys
 from inferq.configs import Api, Deployment
@@ -139,6 +140,7 @@ class Deployments:
                 pipe.hset(keys.apis(), mapping=records)
             if removed:
                 pipe.hdel(keys.apis(), *removed)
+                _forget_counts(pipe, removed)
             pipe.sadd(keys.deployments(), deployment.name)
             record = DeploymentRecord(deployment.name, bundle,
                                       tuple(a.name for a in deployment.apis), now)
@@ -150,7 +152,8 @@ class Deployments:
             return DeployResult(deployment.name, changes, removed)
 
     def delete(self, name: str) -> list[str]:
-        """Remove a deployment and its APIs; return the removed API names."""
+        """Remove a deployment and its APIs (and their counts); return the removed API
+        names."""
         with self.redis.lock(keys.deploy_lock(), timeout=LOCK_SECONDS,
                              blocking_timeout=LOCK_SECONDS):
             previous = self.record(name)
@@ -159,6 +162,7 @@ class Deployments:
             pipe = self.store.pipeline(transaction=True)
             if previous.apis:
                 pipe.hdel(keys.apis(), *previous.apis)
+                _forget_counts(pipe, previous.apis)
             pipe.srem(keys.deployments(), name)
             pipe.delete(keys.deployment(name))
             pipe.incr(keys.changes())
@@ -190,6 +194,13 @@ class Deployments:
         # Keep a replaced bundle a while: replicas of the old version may still start from it.
         if digest not in {a.bundle for a in self.apis()}:
             self.redis.expire(keys.bundle(digest), keys.RETIRED_BUNDLE_TTL_SECONDS)
+
+
+def _forget_counts(pipe: Any, apis: Iterable[str]) -> None:
+    """A deleted API's request counts and tracker go with it: deployed again, it counts from
+    zero (its logs stay, to read what its replicas said last)."""
+    for api in apis:
+        pipe.delete(keys.stats(api), keys.tracker(api))
 
 
 def _check_ownership(deployment: Deployment, current: Iterable[DeployedApi]) -> None:

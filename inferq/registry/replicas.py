@@ -114,6 +114,7 @@ class Failure:
     message: str
     at: float  # Redis's clock
     host: str
+    version: str = ""  # of the API the replica ran ("": recorded before versions were)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Failure:
@@ -128,6 +129,43 @@ class Usage:
     cpu: float | None = None  # millicores
     rss: int | None = None  # bytes
     gpu: float | None = None  # percent utilisation of its GPUs (NVML)
+
+
+_BROKEN = (ApiStatus.ERROR, ApiStatus.ERROR_OOM, ApiStatus.ERROR_REQUIREMENTS)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Whether an API can serve a request now (:meth:`Replicas.serving`)."""
+
+    live: int  # replicas live now, of any version
+    replicas: int  # replicas of any status (starting ones too)
+    leader: bool  # a scaler leads: replicas start when they are wanted
+    state: ApiState | None  # as the leader last judged it
+    failures: list[Failure]  # oldest first
+
+    def unavailable(self, version: str) -> tuple[ApiStatus | None, str] | None:
+        """(status, reason) when no replica is live and none is coming for the API's
+        ``version``: its status is an error of that version or ``compute unavailable``, or no
+        scaler runs and no replica is there at all. None while it serves, starts, or scales
+        from zero (a request waits for it then)."""
+        if self.live:
+            return None
+        if not self.leader:
+            if self.replicas:
+                return None  # started by hand, and starting
+            return None, ("no replica runs and no scaler runs to start one (start one with "
+                          "`inferq scaler`, or run `inferq up`)")
+        state = self.state
+        if state is None:
+            return None
+        if state.status == ApiStatus.COMPUTE_UNAVAILABLE:
+            return state.status, state.reason or ""
+        if state.status in _BROKEN:
+            latest = self.failures[-1] if self.failures else None
+            if latest is None or latest.version in ("", version):  # not a new version's start
+                return state.status, state.reason or ""
+        return None
 
 
 class Replicas:
@@ -206,10 +244,11 @@ class Replicas:
         raw = self.redis.hgetall(keys.usage(api))
         return {k.decode(): Usage(**known_fields(Usage, json.loads(v))) for k, v in raw.items()}
 
-    def set_failure(self, api: str, host: str, kind: FailureKind, message: str) -> None:
-        """Record that a replica of ``api`` on ``host`` failed."""
+    def set_failure(self, api: str, host: str, kind: FailureKind, message: str, *,
+                    version: str = "") -> None:
+        """Record that a replica of ``api`` (of ``version``) on ``host`` failed."""
         record = {"kind": kind, "message": cut_error(message), "at": self.store.now(),
-                  "host": host}
+                  "host": host, "version": version}
         self.redis.hset(keys.failure(api), host, json.dumps(record))
 
     def clear_failure(self, api: str, host: str) -> None:
@@ -219,6 +258,24 @@ class Replicas:
         """The API's failures, oldest first."""
         raw = self.redis.hgetall(keys.failure(api))
         return sorted((Failure.from_json(v) for v in raw.values()), key=lambda f: f.at)
+
+    def serving(self, api: str) -> Serving:
+        """What a sender needs to know before it waits for ``api``'s answer, in one round
+        trip."""
+        pipe = self.store.pipeline(transaction=False)
+        pipe.exists(keys.leader())
+        pipe.get(keys.status(api))
+        pipe.hvals(keys.replicas(api))
+        pipe.hvals(keys.failure(api))
+        leader, state, raw, failures = pipe.execute()
+        records = [ReplicaRecord.from_json(r) for r in raw]
+        return Serving(
+            live=sum(1 for r in records if r.status == ReplicaStatus.LIVE),
+            replicas=len(records),
+            leader=bool(leader),
+            state=ApiState.from_json(state) if state else None,
+            failures=sorted((Failure.from_json(f) for f in failures), key=lambda f: f.at),
+        )
 
 
 def cut_error(text: str) -> str:

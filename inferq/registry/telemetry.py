@@ -49,8 +49,9 @@ return redis.call('HINCRBY', KEYS[1], 'other', ARGV[3])
 
 @dataclass(frozen=True)
 class RequestStats:
-    """An API's counters: HTTP answers by status class (from the gateways), latency, and
-    batch job samples written (from the jobs' drivers)."""
+    """An API's counters: HTTP answers by status class and their latency (from the
+    gateways), batch job samples written (from the jobs' drivers), and samples predicted by
+    any way (from the replicas)."""
 
     ok: int = 0  # 2xx
     client_errors: int = 0  # 4xx
@@ -59,6 +60,8 @@ class RequestStats:
     latency_sum: float = 0.0  # seconds
     job_samples: int = 0
     job_failed: int = 0
+    predictions: int = 0  # samples the replicas predicted, whichever way they came
+    prediction_errors: int = 0  # ... of which failed
 
     @property
     def avg_latency(self) -> float | None:
@@ -121,7 +124,19 @@ class Telemetry:
             server_errors=int(values.get("server_errors", 0)), count=int(values.get("count", 0)),
             latency_sum=values.get("latency_sum", 0.0),
             job_samples=int(values.get("job_samples", 0)),
-            job_failed=int(values.get("job_failed", 0)))
+            job_failed=int(values.get("job_failed", 0)),
+            predictions=int(values.get("predictions", 0)),
+            prediction_errors=int(values.get("prediction_errors", 0)))
+
+    @staticmethod
+    def count_commands(api: str, predictions: int, errors: int) -> list[Command]:
+        """The commands that count samples a replica predicted (and how many failed), sent
+        with its acknowledgement: every way a sample came counts, HTTP, Python, plain Celery
+        and jobs, where the status classes count the gateways' HTTP answers."""
+        if not predictions:
+            return []
+        return [("HINCRBY", keys.stats(api), "predictions", predictions),
+                ("HINCRBY", keys.stats(api), "prediction_errors", errors)]
 
     # -- the tracker --------------------------------------------------------------------------
 
