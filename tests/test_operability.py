@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -216,6 +217,41 @@ def test_a_20_mb_log_line_is_kept_cut_to_10000_characters(registry, scalers, tmp
     long_line = next(line for line in text.splitlines() if "more characters)" in line)
     assert re.search(r"y{9000,}… \(19,99\d,\d{3} more characters\)$", long_line), long_line[-80:]
     assert len(long_line) < 10_100  # the replica's prefix, 10,000 characters, the marker
+
+
+WRITERS = """
+import logging, sys, threading
+from inferq.workers.output import whole_lines
+if sys.argv[1] == "whole":
+    whole_lines()
+logging.basicConfig(format="%(message)s")
+done = threading.Event()
+
+def logger():
+    n = 0
+    while not done.is_set():
+        logging.warning("log record %d of another thread", n)
+        n += 1
+
+thread = threading.Thread(target=logger)
+thread.start()
+for _ in range(3):
+    print("y" * 2_000_000)
+done.set()
+thread.join()
+"""
+
+
+def test_a_replicas_long_print_and_its_log_records_never_cut_each_others_lines():
+    # The replica's stdout and stderr share one pipe, as they do under the scaler; the
+    # reader is slow, as the scaler's is while it ships a long line.
+    done = subprocess.run([sys.executable, "-c", WRITERS, "whole"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=60, check=True)
+    lines = done.stdout.decode().splitlines()
+    assert lines.count("y" * 2_000_000) == 3
+    others = [line for line in lines if line != "y" * 2_000_000]
+    assert others and all(re.fullmatch(r"log record \d+ of another thread", line)
+                          for line in others), {line[:60] for line in others}
 
 
 def test_a_20_mb_init_error_keeps_inferq_get_readable(registry, scalers, tmp_path):

@@ -32,6 +32,7 @@ from inferq.errors import PredictionError, PredictorError, UnknownAPI
 from inferq.messages import TASK_NAME, AsyncStatus, Outcome
 from inferq.registry import EXIT_INIT_FAILED, Registry
 from inferq.workers.app import make_app
+from inferq.workers.output import whole_lines
 from inferq.workers.predictor import project_relative
 from inferq.workers.replica import Replica, bootstrap
 from inferq.workers.transport import QUEUE_OPTION, TAKEN_KEY_OPTION
@@ -58,6 +59,7 @@ def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO")
     """Bootstrap ``api``'s predictor, then serve its queue until SIGTERM (warm shutdown: the
     current request finishes). Returns the exit code."""
     global _replica
+    whole_lines()  # a long print() and a log record never cut each other's line
     logging.basicConfig(level=loglevel, format=_LOG_FORMAT)
     registry = Registry(broker_url, max_connections=4)
     registry.ping()
@@ -93,6 +95,10 @@ def serve(api: str, broker_url: str, replica_id: str, *, loglevel: str = "INFO")
         without_heartbeat=not app.conf.worker_send_task_events,  # INFERQ_TASK_EVENTS: Flower
         optimization="fair",
         quiet=True,  # no banner: a replica's log is about its predictions
+        # The scaler reads the replica's output line by line already; Celery's redirection
+        # of stdout and stderr into its logger would log a traceback one character a line
+        # and a predictor's print() as a WARNING.
+        redirect_stdouts=False,
     )
     signals.after_setup_logger.connect(_quiet_celery, weak=False)
     worker.start()
