@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import fields
 from typing import Any
@@ -69,18 +70,18 @@ class Store:
 
     def pop_all(self, key: str, timeout: float) -> list[bytes]:
         """Wait up to ``timeout`` seconds for the list ``key`` to hold something; take and
-        return all it holds."""
-        first = self.redis.blpop([key], timeout=blocking(timeout))
-        if first is None:
+        return all it holds.
+
+        Nothing is lost to a connection that breaks midway (a broker restart): the wait does
+        not remove what it sees (``BLMOVE key key LEFT LEFT`` puts the first item back where
+        it was), and the items read are trimmed off the list only after they were read. At
+        worst an item is returned twice (its receiver ignores an answer it had)."""
+        if self.redis.blmove(key, key, blocking(timeout), "LEFT", "LEFT") is None:
             return []
-        pipe = self.pipeline(transaction=True)
-        pipe.lrange(key, 0, -1)
-        pipe.delete(key)
-        try:
-            rest, _ = pipe.execute()
-        except redis.RedisError:
-            return [first[1]]  # the popped one must not be lost; the rest wait for the next call
-        return [first[1], *rest]
+        items = self.redis.lrange(key, 0, -1)
+        with contextlib.suppress(redis.RedisError):  # trimmed next time: returned again
+            self.redis.ltrim(key, len(items), -1)  # what was pushed since stays
+        return list(items)
 
     def take_all(self, key: str) -> list[bytes]:
         """Read and empty the list ``key`` in one step."""
