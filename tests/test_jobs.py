@@ -451,7 +451,7 @@ def test_a_slow_predictor_gets_small_chunks_so_sync_requests_wait_little(
     (lambda n: 0.010 * n, 1),  # predict at 10 ms a sample: one sample a chunk
 ])
 def test_chunk_sizes_follow_what_a_chunk_costs(cost, expected):
-    from inferq.jobs.driver import ChunkSizer
+    from inferq.chunks import ChunkSizer
 
     sizer = ChunkSizer(64)
     for _ in range(40):
@@ -461,7 +461,7 @@ def test_chunk_sizes_follow_what_a_chunk_costs(cost, expected):
 
 
 def test_a_chunk_size_found_slow_in_a_busy_moment_is_tried_again_later():
-    from inferq.jobs.driver import SIZER_RETRY, ChunkSizer
+    from inferq.chunks import SIZER_RETRY, ChunkSizer
 
     sizer = ChunkSizer(64)
     for _ in range(10):

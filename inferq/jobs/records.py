@@ -21,6 +21,7 @@ from inferq.errors import JobError
 from inferq.jobs import files
 from inferq.messages import ChunkAnswer
 from inferq.registry import Registry
+from inferq.registry.queues import BACKGROUND_ADMIT
 
 LEASE_SECONDS = 10.0  # a driver that stops renewing loses its job after this
 LISTED = 100  # `inferq batch get` shows the newest this many jobs
@@ -378,12 +379,8 @@ return 1
 # ARGV: changes, message, extra samples, chunk, "now:samples in the chunk", token.
 _SEND = """
 if redis.call('GET', KEYS[6]) ~= ARGV[6] then return -2 end
-if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return -1 end
-local room = math.max(1, math.ceil(redis.call('HLEN', KEYS[4]) / 2))
-if redis.call('LLEN', KEYS[2]) >= room then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[2])
-local extra = tonumber(ARGV[3])
-if extra > 0 then redis.call('INCRBY', KEYS[3], extra) end
+""" + BACKGROUND_ADMIT + """
+if refused ~= nil then return refused end
 redis.call('HSET', KEYS[5], ARGV[4], ARGV[5])
 return 1
 """

@@ -57,15 +57,39 @@ return {1, depth + 1 + extra}
 """
 
 
+# Background work (a job's or a stream's chunk) goes on a queue only while it holds fewer
+# messages than half the API's replicas (at least one): live requests find little ahead of
+# them. KEYS[1..4]: the change counter, the queue, its extra-samples counter, the API's replica
+# records; ARGV[1..3]: changes, message, extra samples in it. Sets ``refused`` (-1: the API
+# list changed; 0: busy) or queues the message.
+BACKGROUND_ADMIT = """
+local refused = nil
+local room = math.max(1, math.ceil(redis.call('HLEN', KEYS[4]) / 2))
+if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then refused = -1
+elseif redis.call('LLEN', KEYS[2]) >= room then refused = 0
+else
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  local extra = tonumber(ARGV[3])
+  if extra > 0 then redis.call('INCRBY', KEYS[3], extra) end
+end
+"""
+_ENQUEUE_BACKGROUND = BACKGROUND_ADMIT + """
+if refused ~= nil then return refused end
+return 1
+"""
+
+
 class Admission(StrEnum):
     """What became of a message offered to a queue."""
 
     QUEUED = "queued"
     FULL = "full"  # the queue holds its limit of samples
     STALE = "stale"  # something was deployed or deleted since the sender read the APIs
+    BUSY = "busy"  # background work waits: live traffic first (:data:`BACKGROUND_ADMIT`)
 
 
 _ADMISSIONS = {1: Admission.QUEUED, 0: Admission.FULL, -1: Admission.STALE}
+_BACKGROUND = {1: Admission.QUEUED, 0: Admission.BUSY, -1: Admission.STALE}
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,7 @@ class Queues:
         self.redis = store.redis
         self._enqueue = self.redis.register_script(_ENQUEUE)
         self._enqueue_async = self.redis.register_script(_ENQUEUE_ASYNC)
+        self._enqueue_background = self.redis.register_script(_ENQUEUE_BACKGROUND)
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -142,6 +167,16 @@ class Queues:
             keys=[keys.changes(), queue, keys.extra(queue), state],
             args=[changes, limit, message, 0, json.dumps(time.time()), max(1, int(retention))])
         return _ADMISSIONS[int(code)], int(value)
+
+    def enqueue_background(self, api: str, message: str, *, changes: int,
+                           extra: int = 0) -> Admission:
+        """Queue background work's ``message`` (of ``1 + extra`` samples) on ``api``'s queue
+        unless live traffic comes first (BUSY) or the APIs changed since ``changes`` (STALE)."""
+        queue = keys.queue(api)
+        code = self._enqueue_background(
+            keys=[keys.changes(), queue, keys.extra(queue), keys.replicas(api)],
+            args=[changes, message, extra])
+        return _BACKGROUND[int(code)]
 
     def queued_samples(self, queue: str) -> int:
         """Samples waiting on ``queue`` and held by its replicas (batch messages count each
