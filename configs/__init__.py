@@ -3,6 +3,7 @@
 This package depends on nothing else of inferq but :mod:`inferq.errors` (a leaf module).
 """
 
+from inferq.configs.fields import redact_url
 from inferq.configs.loader import Problem, load_project
 from inferq.configs.quantities import format_cpu, format_mem, parse_cpu, parse_duration, parse_mem
 from inferq.configs.render import api_yaml, to_yaml
@@ -13,6 +14,7 @@ from inferq.configs.spec import (
     Onnx,
     Predictor,
     ServerSideBatching,
+    Stream,
     Tracker,
 )
 
@@ -24,6 +26,7 @@ __all__ = [
     "Predictor",
     "Problem",
     "ServerSideBatching",
+    "Stream",
     "Tracker",
     "api_yaml",
     "format_cpu",
@@ -32,5 +35,6 @@ __all__ = [
     "parse_cpu",
     "parse_duration",
     "parse_mem",
+    "redact_url",
     "to_yaml",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from inferq.configs.quantities import (
     describe,
@@ -159,6 +160,47 @@ def endpoint(value: Any, root: Path) -> str:
     return value
 
 
+# -- streams ------------------------------------------------------------------------------------
+
+RESERVED_KEY_PREFIXES = ("inferq:", "inferq.")  # inferq's own keys and queues
+
+
+def stream_key(value: Any, root: Path) -> str:
+    """A Redis stream's key: any non-empty text outside inferq's own keys."""
+    string(value, root)
+    if value.startswith(RESERVED_KEY_PREFIXES):
+        raise Invalid(f"{describe(value)} is under inferq's own keys (inferq: and inferq.); "
+                      "name the stream otherwise")
+    if value != value.strip():
+        raise Invalid(f"{describe(value)} starts or ends with a space")
+    return value
+
+
+def redis_url(value: Any, root: Path) -> str:
+    """``redis://[:password@]host[:port][/db]``, ``rediss://`` or ``unix://``."""
+    string(value, root)
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise Invalid(f"{describe(redact_url(value))} is not a Redis URL (redis://host:6379/0, "
+                      "rediss://... or unix://...)")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise Invalid(f"{describe(redact_url(value))} names no host")
+    try:
+        parts.port  # noqa: B018  (raises on a port that is no number)
+    except ValueError:
+        raise Invalid(f"{describe(redact_url(value))} has a port that is no number") from None
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: for what is printed or logged."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
 # -- files and models ---------------------------------------------------------------------------
 
 
@@ -295,9 +337,16 @@ COMPUTE = Schema({
     "async_retention": quantity(parse_duration),
 })
 
+STREAM = Schema(
+    {"source": stream_key, "sink": stream_key, "url": redis_url, "start": choice("new", "all"),
+     "field": string, "sink_max_len": integer(1)},
+    required=("source",),
+    hints={"source": "the key of the Redis stream the samples arrive on"},
+)
+
 API = Schema(
     {"name": name, "endpoint": endpoint, "predictor": PREDICTOR, "onnx": ONNX,
-     "tracker": TRACKER, "compute": COMPUTE},
+     "tracker": TRACKER, "compute": COMPUTE, "stream": STREAM},
     required=("name",),
     hints={"name": "the API's name"},
     ignored=("kind", "tensorflow"),

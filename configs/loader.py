@@ -17,7 +17,7 @@ import yaml
 
 from inferq.configs import fields as f
 from inferq.configs.quantities import describe, format_duration
-from inferq.configs.spec import Api, Compute, Deployment, Onnx, Predictor, Tracker
+from inferq.configs.spec import Api, Compute, Deployment, Onnx, Predictor, Stream, Tracker
 from inferq.errors import ConfigError
 
 CONFIG_NAME = "cortex.yaml"
@@ -240,6 +240,10 @@ def _api(resource: dict, index: int, deployment: str | None, root: Path,
     compute = values.get("compute", {})
     compute = _compute(compute, label, report) if compute is not f.BAD else None
     _check_batch_interval(values.get("predictor"), compute, label, report)
+    stream_values = values.get("stream")
+    stream = None
+    if isinstance(stream_values, dict) and f.BAD not in stream_values.values():
+        stream = _stream(stream_values, label, report)
     if len(report.problems) > before or deployment is None or compute is None:
         return label, None, values
     api = Api(
@@ -250,6 +254,7 @@ def _api(resource: dict, index: int, deployment: str | None, root: Path,
         predictor=Predictor.from_dict(values["predictor"]) if "predictor" in values else None,
         onnx=Onnx(**values["onnx"]) if "onnx" in values else None,
         tracker=Tracker(**values["tracker"]) if "tracker" in values else None,
+        stream=stream,
     )
     return label, api, values
 
@@ -270,6 +275,18 @@ def _compute(values: dict, label: str, report: _Report) -> Compute | None:
                                                    f"max_replicas ({high}), got {init}")
         return None
     return Compute(**{**values, "init_replicas": init})
+
+
+def _stream(values: dict, label: str, report: _Report) -> Stream:
+    """The stream section with its defaults; the sink and the dead letter are not the
+    source (an API would consume its own answers)."""
+    stream = Stream(**{"sink": f"{values['source']}:predictions", **values})
+    for where, key in (("stream.sink", stream.sink), ("stream.sink", stream.dead_letter)):
+        if key == stream.source:
+            report.add(label, where, f"{describe(key)} is the source too; answers added to "
+                                     "it would be consumed again")
+            break
+    return stream
 
 
 def _check_batch_interval(predictor: Any, compute: Compute | None, label: str,

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from inferq.configs.fields import redact_url
 from inferq.configs.quantities import format_cpu, format_duration, format_mem
 from inferq.configs.spec import Api, Compute, Deployment, Predictor
 
@@ -15,7 +16,8 @@ _DURATIONS = ("timeout", "upscale_stabilization_period", "downscale_stabilizatio
 
 
 def to_yaml(deployment: Deployment) -> str:
-    """A cortex.yaml with every default filled in; loading it again gives an equal spec."""
+    """A cortex.yaml with every default filled in; loading it again gives an equal spec (but
+    for a stream URL's password, shown as ``***``)."""
     resources: list[dict[str, Any]] = [{"kind": "deployment", "name": deployment.name}]
     resources += [_api(api) for api in deployment.apis]
     return yaml.safe_dump(resources, sort_keys=False, default_flow_style=False,
@@ -37,6 +39,10 @@ def _api(api: Api) -> dict[str, Any]:
         data["onnx"] = asdict(api.onnx)
     data["tracker"] = asdict(api.tracker) if api.tracker is not None else None
     data["compute"] = _compute(api.compute)
+    if api.stream is not None:  # an extension: shown only when set
+        data["stream"] = asdict(api.stream)
+        if api.stream.url is not None:
+            data["stream"]["url"] = redact_url(api.stream.url)  # never print a password
     return data
 
 

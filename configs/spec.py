@@ -63,6 +63,27 @@ class Tracker:
     key: str | None = None
 
 
+@dataclass(frozen=True)
+class Stream:
+    """A Redis stream the API consumes, and the stream its answers go to (an extension)."""
+
+    source: str  # the stream's key
+    sink: str  # where answers are added (default: <source>:predictions)
+    url: str | None = None  # the Redis of both streams (None: the broker's)
+    start: Literal["new", "all"] = "new"  # where a new consumer group starts
+    field: str = "data"  # the entry field that holds the sample as JSON
+    sink_max_len: int = 1_000_000  # the sink is trimmed to about this many entries
+
+    @property
+    def dead_letter(self) -> str:
+        """Where samples that failed go too: ``<sink>:failed``."""
+        return f"{self.sink}:failed"
+
+    def group(self, api: str) -> str:
+        """The consumer group of ``api`` on the source."""
+        return f"inferq:{api}"
+
+
 ASYNC_RETENTION = 24 * 3600.0
 
 
@@ -96,6 +117,7 @@ class Api:
     predictor: Predictor | None = None
     onnx: Onnx | None = None
     tracker: Tracker | None = None
+    stream: Stream | None = None  # an extension
 
     @property
     def kind(self) -> str:
@@ -111,7 +133,7 @@ class Api:
     def to_dict(self) -> dict[str, Any]:
         """The API as plain data (what the registry stores and ``--dry-run`` prints)."""
         data = asdict(self)
-        for key in ("predictor", "onnx", "tracker"):
+        for key in ("predictor", "onnx", "tracker", "stream"):
             if data[key] is None:
                 del data[key]
         # Left out when unset, so the version of an API without it (a hash of this) is what it
@@ -134,6 +156,7 @@ class Api:
             predictor=Predictor.from_dict(data["predictor"]) if data.get("predictor") else None,
             onnx=Onnx(**data["onnx"]) if data.get("onnx") else None,
             tracker=Tracker(**data["tracker"]) if data.get("tracker") else None,
+            stream=Stream(**data["stream"]) if data.get("stream") else None,
         )
 
 

@@ -1,8 +1,9 @@
 """The gateway's Prometheus metrics, and the request counts ``inferq get`` shows.
 
 Request counters and latency histograms live in this process (Prometheus scrapes each
-gateway); queue depth, replicas and batch job samples (``inferq_job_samples_total``, counted
-by the jobs' drivers) are read from the registry at scrape time. Counts per
+gateway); queue depth, replicas, batch job samples (``inferq_job_samples_total``, counted by
+the jobs' drivers) and streams (``inferq_stream_lag``, ``inferq_stream_entries_total``,
+reported by their consumers) are read from the registry at scrape time. Counts per
 status class and latency sums are also added to the registry once a second, so ``inferq get``
 shows the totals of every gateway without a request paying a Redis round trip for them.
 """
@@ -21,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from inferq import keys
 from inferq.errors import InferqError
+from inferq.streams import Streams
 
 log = logging.getLogger("inferq.gateway")
 
@@ -118,9 +120,22 @@ class _RegistryCollector:
         job_samples = CounterMetricFamily("inferq_job_samples",
                                           "Batch job samples written, by outcome",
                                           labels=["api", "outcome"])
+        stream_lag = GaugeMetricFamily("inferq_stream_lag",
+                                       "Entries added to the API's stream and not answered yet",
+                                       labels=["api"])
+        stream_entries = CounterMetricFamily(
+            "inferq_stream_entries", "Stream entries answered, by outcome (failed: in the dead "
+            "letter too; dead: put there unanswered)", labels=["api", "outcome"])
         try:
             registry = self._client.registry
             for deployed in self._client.apis():
+                if deployed.api.stream is not None:
+                    state = Streams(registry).state(deployed.name)
+                    if state.lag is not None and state.fresh:
+                        stream_lag.add_metric([deployed.name], state.lag)
+                    for outcome, count in (("answered", state.answered),
+                                           ("failed", state.failed), ("dead", state.dead)):
+                        stream_entries.add_metric([deployed.name, outcome], count)
                 stats = registry.telemetry.request_stats(deployed.name)
                 job_samples.add_metric([deployed.name, "completed"], stats.job_samples)
                 job_samples.add_metric([deployed.name, "failed"], stats.job_failed)
@@ -135,3 +150,5 @@ class _RegistryCollector:
         yield depth
         yield replicas
         yield job_samples
+        yield stream_lag
+        yield stream_entries

@@ -3,6 +3,7 @@ sized so that live requests behind them hardly wait (ARCHITECTURE.md, "Glossary"
 
 from __future__ import annotations
 
+NICENESS = 10  # background work's CPU priority (job drivers, stream consumers): live first
 CHUNK_FLOOR_SECONDS = 0.002  # a chunk may always take this long (about a request's overhead)
 CHUNK_SLOWER = 1.5  # ... or this many times as long as a single sample
 SIZER_RETRY = 64  # answers after which a size found too slow is tried again

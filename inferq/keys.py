@@ -38,9 +38,14 @@ key (``inferq:`` + ...)      type    what, and how long it lives
 ``job:<id>:results``         hash    chunk number -> its answer, written by a replica
 ``job:<id>:done``            list    chunk numbers answered, to wake the driver; 24 h
 ``job:<id>:driver``          string  the driver's lease (its token), 10 s, renewed
+``stream:<api>``             hash    the API's stream consumer: entries answered, failed, dead-
+                                     lettered; lag, pending, last entry, rate, when updated
+``stream:<api>:consumer``    string  the stream consumer's lease (its token), 10 s, renewed
 ===========================  ======  ==========================================================
 
-An API's Celery queue is ``inferq.<api>`` (a list; kombu's name, outside the prefix).
+An API's Celery queue is ``inferq.<api>`` (a list; kombu's name, outside the prefix). A stream
+an API consumes is the user's, named in its ``stream:`` section, with the consumer group
+``inferq:<api>`` on it (see :mod:`inferq.streams`).
 """
 
 from __future__ import annotations
@@ -203,3 +208,13 @@ def job_done(job_id: str) -> str:
 
 def job_driver(job_id: str) -> str:
     return key("job", job_id, "driver")
+
+
+# -- streams ------------------------------------------------------------------------------------
+
+def stream_state(api: str) -> str:
+    return key("stream", api)
+
+
+def stream_consumer(api: str) -> str:
+    return key("stream", api, "consumer")

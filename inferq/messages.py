@@ -97,13 +97,16 @@ def encode_async(task_id: str, sample: Any, *, queue: str, state: str,
 
 
 def encode_batch(task_id: str, samples: list[Any], replies: list[tuple[str, str, float]], *,
-                 queue: str, debug: bool = False) -> str:
+                 queue: str, debug: bool = False, texts: bool = False) -> str:
     """The message for several samples, each answered on its own ``(reply list, request id,
-    expires at)``; the message is void once every sample's deadline passed."""
-    return _envelope(task_id, [samples], {"batch": True, "debug": debug,
-                                          "replies": [list(r) for r in replies]},
-                     queue=queue, reply_to=replies[0][0] if replies else "",
-                     expires_at=max(r[2] for r in replies), extra=len(samples) - 1)
+    expires at)``; the message is void once every sample's deadline passed. With ``texts``,
+    ``samples`` are JSON texts, checked already (:func:`inferq.samples.check_text`): they are
+    spliced into the body as they are, not decoded and encoded again."""
+    kwargs = {"batch": True, "debug": debug, "replies": [list(r) for r in replies]}
+    body = f'[[[{",".join(samples)}]],{compact(kwargs)},{compact(_EMBED)}]' if texts else None
+    return _envelope(task_id, [samples], kwargs, queue=queue,
+                     reply_to=replies[0][0] if replies else "",
+                     expires_at=max(r[2] for r in replies), extra=len(samples) - 1, body=body)
 
 
 def encode_job_chunk(task_id: str, samples: list[str], *, queue: str, job: str, chunk: int,
@@ -263,8 +266,8 @@ def answer(task: Task, outcomes: Sequence[Outcome], *, replica: str | None = Non
     (for a message that will not run, the same error for each).
 
     ``replica`` names who answered (in replies), ``took`` how long the prediction took (a job
-    chunk's driver sizes its chunks by it), ``retention`` how long an async request's state
-    is kept from now on (None: as long as it was already).
+    chunk's driver and a stream's consumer size their chunks by it), ``retention`` how long
+    an async request's state is kept from now on (None: as long as it was already).
     """
     now = time.time() if now is None else now
     if task.async_state is not None:
@@ -272,7 +275,7 @@ def answer(task: Task, outcomes: Sequence[Outcome], *, replica: str | None = Non
     if task.job is not None:
         return Answer(chunk_answer_commands(task.job, ChunkAnswer.of(task.job, outcomes, took)))
     if task.replies is not None:
-        return Answer(_each(task.replies, outcomes, replica, now))
+        return Answer(_each(task.replies, outcomes, replica, now, took))
     value = (Outcome(result=[o.as_dict(i) for i, o in enumerate(outcomes)]) if task.batch
              else outcomes[0])
     if task.reply_to and keys.is_reply(task.reply_to):
@@ -302,9 +305,10 @@ def _async(state: str, outcome: Outcome, retention: float | None, now: float) ->
 
 
 def _each(replies: list[tuple[str, str, float]], outcomes: Sequence[Outcome],
-          replica: str | None, now: float) -> list[Command]:
+          replica: str | None, now: float, took: float | None) -> list[Command]:
     """Each live sample's answer to its own waiter: one entry per waiter's list
-    (``Client.map``: one for the whole batch), not per sample."""
+    (``Client.map``: one for the whole batch), not per sample, with how long the batch took
+    to predict."""
     by_list: dict[str, list[dict[str, Any]]] = {}
     for (reply_to, request_id, expires_at), outcome in zip(replies, outcomes, strict=True):
         if expires_at > now and keys.is_reply(reply_to):
@@ -314,6 +318,8 @@ def _each(replies: list[tuple[str, str, float]], outcomes: Sequence[Outcome],
         body = answers[0] if len(answers) == 1 else {"answers": answers}
         if replica:
             body = {**body, "replica": replica}
+        if took is not None:
+            body = {**body, "took": round(took, 6)}
         commands += _push(reply_to, {**body, "at": now})
     return commands
 

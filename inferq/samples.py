@@ -12,6 +12,7 @@ of 100,000 ``[`` costs a scan, never a recursion.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -69,6 +70,37 @@ def load_body(body: bytes) -> Any:
         raise ValueError(too_deep_message("the request body")) from None
     except ValueError as exc:
         raise ValueError(f"the request body is not JSON: {exc}") from None
+
+
+def _infinite_not_json(text: str) -> float:
+    number = float(text)
+    if number in (math.inf, -math.inf):
+        raise ValueError(f"{text} is too large for a number JSON carries")
+    return number
+
+
+# One decoder for every text (json.loads with an option would build one per call); a number
+# that may overflow to infinity (a 3-digit exponent, or 300 digits) is looked at closely.
+_check_plain = json.JSONDecoder(parse_constant=_not_json).decode
+_check_numbers = json.JSONDecoder(parse_constant=_not_json, parse_float=_infinite_not_json).decode
+_MAYBE_HUGE = re.compile(r"[eE][+-]?\d{3}|\d{300}")
+
+
+def check_text(text: str) -> None:
+    """ValueError unless ``text`` is one JSON sample that may travel as it is, spliced into a
+    message without being decoded and encoded again (a line of a batch job's input, a
+    stream's entry): no NaN, Infinity or number that overflows to one, nested at most
+    :data:`MAX_NESTING` levels, at most :data:`MAX_SAMPLE_BYTES` long."""
+    if len(text) > MAX_SAMPLE_BYTES:
+        raise ValueError(f"{len(text):,} characters, over the {MAX_SAMPLE_BYTES // 2**20} MiB "
+                         "limit of a message")
+    if text.count("[") + text.count("{") > MAX_NESTING and (
+            nesting_depth(text.encode("utf-8", "surrogatepass")) > MAX_NESTING):
+        raise ValueError(too_deep_message("it"))
+    try:
+        (_check_numbers if _MAYBE_HUGE.search(text) else _check_plain)(text)
+    except RecursionError:  # unreachable while the scan is right
+        raise ValueError(too_deep_message("it")) from None
 
 
 def check_sample(sample: Any, *, api: str, index: int | None = None) -> None:

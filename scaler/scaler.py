@@ -44,6 +44,7 @@ from inferq.scaler.decide import Autoscaler, Load, place
 from inferq.scaler.host import Nvml, ProcessTreeSampler
 from inferq.scaler.replicas import LogPump, ReplicaProcess, start_replica
 from inferq.scaler.status import judge
+from inferq.streams import StreamRunner, Streams
 
 log = logging.getLogger("inferq.scaler")
 
@@ -96,6 +97,8 @@ class Scaler:
         self.nvml = Nvml()  # without a driver it reports nothing and costs nothing
         self.logs = LogPump(self.registry, echo=echo_logs)
         self.job_runner = JobRunner(self.registry, broker_url)
+        self.stream_runner = StreamRunner(self.registry, broker_url)
+        self.streams = Streams(self.registry)
         self.replicas: list[ReplicaProcess] = []
         self.backoff: dict[str, _Backoff] = {}
         self.failed_here: set[str] = set()  # APIs with a failure recorded from this host
@@ -147,11 +150,13 @@ class Scaler:
             plan = self.registry.hosts.plan()
         self._reconcile(deployed, plan.hosts, now)
         self.job_runner.tick()
+        self.stream_runner.tick(deployed)
 
     def shutdown(self) -> None:
         """Stop every replica (each finishes its request), then leave the system."""
-        with contextlib.suppress(redis.RedisError):
-            self.job_runner.shutdown()
+        for runner in (self.job_runner, self.stream_runner):
+            with contextlib.suppress(redis.RedisError):
+                runner.shutdown()
         for replica in self.replicas:
             replica.stop()
         deadline = time.monotonic() + STOP_GRACE_SECONDS + 60
@@ -191,7 +196,7 @@ class Scaler:
         for name, api in deployed.items():
             records = [r for r in self.registry.replicas.of(name) if r.host in alive]
             observed[name] = records
-            load = self._load(name, records)
+            load = self._load(name, api, records)
             desired[name] = self.autoscaler.desired(name, api.api.compute, load, now)
             if desired[name] != previous_desired.get(name):
                 log.info('api "%s": %s -> %d replica(s) (queued %d, in flight %d, live %d, '
@@ -217,14 +222,17 @@ class Scaler:
             )
         return plan
 
-    def _load(self, api: str, records: list[ReplicaRecord]) -> Load:
+    def _load(self, api: str, deployed: DeployedApi, records: list[ReplicaRecord]) -> Load:
         live = [r.id for r in records if r.status == ReplicaStatus.LIVE]
         usage = self.registry.replicas.usage(api)
         # In samples, not messages: a queue of batches scales as the same requests alone.
         in_flight, held_extra = self.registry.queues.in_flight_samples(
             api, [r.id for r in records])
+        # A stream's entries not read yet want replicas as queued requests do.
+        unread = self.streams.undelivered(api) if deployed.api.stream else 0
         return Load(
-            queued=max(0, self.registry.queues.queued_samples(keys.queue(api)) - held_extra),
+            queued=max(0, self.registry.queues.queued_samples(keys.queue(api)) - held_extra)
+            + unread,
             in_flight=in_flight,
             live=len(live),
             cpu=_mean(usage, live, "cpu"),

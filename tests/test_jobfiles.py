@@ -71,12 +71,14 @@ def test_a_chunk_also_ends_at_its_byte_limit(tmp_path):
 
 def test_nan_infinity_and_bad_utf8_are_no_json(tmp_path):
     path = tmp_path / "in.jsonl"
-    path.write_bytes(b'{"x": NaN}\n{"x": 1e400}\n{"x": "\xff"}\n{"x": 1} trailing\n')
-    [chunk] = chunks(open_source(str(path)), batch_size=4)
+    path.write_bytes(b'{"x": NaN}\n{"x": 1e400}\n{"x": "\xff"}\n{"x": 1} trailing\n'
+                     + b"[" * 5000 + b"]" * 5000 + b"\n")
+    [chunk] = chunks(open_source(str(path)), batch_size=5)
     assert chunk.samples == []
-    assert "NaN is not JSON" in chunk.bad[0][1]
+    assert "NaN is not a JSON value" in chunk.bad[0][1]
     assert "1e400 is too large" in chunk.bad[1][1]
     assert "utf-8" in chunk.bad[2][1] and "Extra data" in chunk.bad[3][1]
+    assert "nests deeper than 100 levels" in chunk.bad[4][1]  # no RecursionError
 
 
 def test_a_local_output_resumes_cut_back_to_its_checkpoint(tmp_path):

@@ -239,7 +239,7 @@ INVALID = [
             "request_handler)"),
     ("batching-at-api-level", api("server_side_batching: {max_batch_size: 8, batch_interval: 1s}"),
      IRIS + "server_side_batching: unknown key (valid keys: compute, endpoint, name, onnx, "
-            "predictor, tracker)"),
+            "predictor, stream, tracker)"),
     ("batching-under-compute", api(compute(server_side_batching="{max_batch_size: 8}")),
      IRIS + "compute.server_side_batching: unknown key"),
     # predictor / onnx / tensorflow
@@ -721,3 +721,50 @@ def test_format_duration_prefers_seconds_then_milliseconds():
 def test_parse_duration_refuses(value):
     with pytest.raises(ValueError, match=r"duration|negative"):
         parse_duration(value)
+
+
+# -- stream: (an extension) ----------------------------------------------------------------------
+
+STREAM_PROBLEMS = [
+    ("no-source", "stream: {sink: out}",
+     IRIS + "stream.source: required (the key of the Redis stream the samples arrive on)"),
+    ("bad-start", "stream: {source: events, start: latest}",
+     IRIS + 'stream.start: must be one of new, all, got "latest"'),
+    ("inferq-key", "stream: {source: 'inferq:events'}",
+     IRIS + 'stream.source: "inferq:events" is under inferq\'s own keys (inferq: and inferq.); '
+            "name the stream otherwise"),
+    ("sink-is-source", "stream: {source: events, sink: events}",
+     IRIS + 'stream.sink: "events" is the source too; answers added to it would be consumed '
+            "again"),
+    ("not-redis", "stream: {source: events, url: 'http://example.com'}",
+     IRIS + 'stream.url: "http://example.com" is not a Redis URL (redis://host:6379/0, '
+            "rediss://... or unix://...)"),
+    ("secret-not-echoed", "stream: {source: events, url: 'mysql://:hunter2@db/1'}",
+     IRIS + 'stream.url: "mysql://:***@db/1" is not a Redis URL (redis://host:6379/0, '
+            "rediss://... or unix://...)"),
+    ("bad-max-len", "stream: {source: events, sink_max_len: 0}",
+     IRIS + "stream.sink_max_len: must be at least 1, got 0"),
+    ("unknown-key", "stream: {source: events, group: mine}",
+     IRIS + "stream.group: unknown key (valid keys: field, sink, sink_max_len, source, start, "
+            "url)"),
+]
+
+
+@pytest.mark.parametrize(("case", "line", "expected"), STREAM_PROBLEMS,
+                         ids=[c[0] for c in STREAM_PROBLEMS])
+def test_a_stream_section_reports_each_problem(tmp_path, monkeypatch, case, line, expected):
+    assert problems(tmp_path, monkeypatch, api(line)) == [expected]
+
+
+def test_a_stream_gets_its_defaults_and_dry_run_hides_its_password(tmp_path):
+    deployment = load(tmp_path, api("stream: {source: events, url: 'redis://:pw@cache:6380/2'}"))
+    stream = deployment.apis[0].stream
+    assert (stream.source, stream.sink, stream.start, stream.field, stream.sink_max_len) == (
+        "events", "events:predictions", "new", "data", 1_000_000)
+    assert stream.dead_letter == "events:predictions:failed"
+    assert stream.url == "redis://:pw@cache:6380/2"  # kept whole: the consumer connects with it
+    shown = to_yaml(deployment)
+    assert "redis://:***@cache:6380/2" in shown and ":pw@" not in shown
+    assert Api.from_dict(deployment.apis[0].to_dict()) == deployment.apis[0]
+    plain = load(tmp_path / "plain", api()).apis[0]
+    assert "stream" not in plain.to_dict()  # an API without one keeps its version

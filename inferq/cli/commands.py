@@ -75,6 +75,7 @@ def get(args: argparse.Namespace) -> int:
         render_api,
         render_hosts,
         render_jobs,
+        render_streams,
         render_table,
         snapshot,
     )
@@ -90,6 +91,9 @@ def get(args: argparse.Namespace) -> int:
             text = render_api(rows[0], stack.gateway_url())
         else:
             text = render_table(rows, _terminal_width())
+            streams = render_streams(rows)
+            if streams:
+                text += "\n\n" + streams
             running = _running_jobs(registry)
             if running:
                 text += "\n\n" + render_jobs(running)

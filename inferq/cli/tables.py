@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from inferq.configs import redact_url
 from inferq.errors import UnknownAPI
 from inferq.registry import (
     ApiState,
@@ -18,6 +19,7 @@ from inferq.registry import (
     ReplicaStatus,
 )
 from inferq.registry.telemetry import TRACKER_CLASSES_KEPT, cut_label, cut_text
+from inferq.streams import Streams
 
 TRACKER_ROWS_SHOWN = 20  # classes listed by `inferq get API_NAME`
 LINES_SHOWN = 8  # of an error: the last ones
@@ -94,6 +96,7 @@ def _row(registry: Registry, deployed: DeployedApi, *, detail: bool) -> dict[str
         "hosts": _hosts(replicas),
         "endpoint": deployed.api.endpoint,
         "version": deployed.version,
+        "stream": _stream(registry, deployed),
     }
     if detail:
         tracker = registry.telemetry.tracker_stats(name) if deployed.api.tracker else None
@@ -103,6 +106,16 @@ def _row(registry: Registry, deployed: DeployedApi, *, detail: bool) -> dict[str
                            for r in replicas]
         row["config"] = deployed.api.to_dict()
     return row
+
+
+def _stream(registry: Registry, deployed: DeployedApi) -> dict[str, Any] | None:
+    """The API's stream and where its consumer stands (None: the API has no stream)."""
+    spec = deployed.api.stream
+    if spec is None:
+        return None
+    where = redact_url(spec.url) if spec.url else None
+    return {"source": spec.source, "sink": spec.sink, "url": where,
+            **Streams(registry).state(deployed.name).to_dict()}
 
 
 def _hosts(replicas: list[ReplicaRecord]) -> dict[str, int]:
@@ -167,6 +180,15 @@ def render_api(row: dict[str, Any], gateway: str) -> str:
     if row["reason"]:
         lines.append("reason:")
         lines.extend(_error_lines(row["reason"]))
+    if row["stream"]:
+        stream = row["stream"]
+        lines += ["", f"stream: {stream['source']} -> {stream['sink']}"
+                      + (f" on {stream['url']}" if stream["url"] else "")
+                      + f" (group inferq:{row['api']}; failed entries also in "
+                        f"{stream['sink']}:failed)"]
+        lines += ["  " + line for line in render_streams([row]).splitlines()]
+        if not stream["consumer"]:
+            lines.append("  no consumer reported in the last seconds (is a scaler running?)")
     lines.extend(_tracker_lines(row["tracker"], row["config"].get("tracker")))
     for replica in row["replicas"]:
         gpus = f", gpu {','.join(map(str, replica['gpus']))}" if replica.get("gpus") else ""
@@ -306,6 +328,23 @@ def age(timestamp: float) -> str:
     if seconds < 86400:
         return f"{seconds // 3600}h"
     return f"{seconds // 86400}d"
+
+
+def render_streams(rows: list[dict[str, Any]]) -> str:
+    """The APIs' streams: lag (entries added, not answered yet), rate, counts, last entry."""
+    header = ("stream", "api", "lag", "rate", "answered", "failed", "last entry")
+    lines = [header] + [
+        (
+            s["source"], r["api"],
+            "-" if s["lag"] is None else _count(s["lag"]) + ("+" if s["lag_at_least"] else ""),
+            f"{s['rate']:.0f}/s" if s["rate"] is not None else "-",
+            _count(s["answered"]), _count(s["failed"]),
+            f"{s['last_id']} ({age(s['last_at'])} ago)" if s["last_id"] and s["last_at"]
+            else "-",
+        )
+        for r in rows if (s := r.get("stream"))
+    ]
+    return _columns(lines, numeric={2, 3, 4, 5}) if len(lines) > 1 else ""
 
 
 def render_jobs(jobs: list[dict[str, Any]]) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 import redis
 
 from inferq import keys, messages
-from inferq.chunks import ChunkSizer
+from inferq.chunks import NICENESS, ChunkSizer
 from inferq.errors import JobError
 from inferq.jobs.files import Chunk, LocalSource, Position, Sink, Source, open_sink, open_source
 from inferq.jobs.records import Checkpoint, ChunkSend, JobRecord, Jobs, JobStatus, this_machine
@@ -50,7 +50,6 @@ CHUNK_BYTES = 4 << 20  # a chunk also ends once its lines hold this much
 COMMIT_SECONDS = 0.5  # a checkpoint at most this often (and at the end, a stop, an S3 part)
 RENEW_SECONDS = 1.0  # the lease is renewed, and a stop looked for, this often
 BUSY_POLL_SECONDS = 0.02  # while the queue is busy, how soon to try again
-NICENESS = 10  # the driver's CPU priority, below live traffic's
 
 
 class LeaseLost(Exception):
@@ -221,8 +220,9 @@ class Driver:
 
     def _collect(self, answered: list[int] | None) -> None:
         """The answers of the chunks ``answered`` (None: of every chunk awaited)."""
+        # Once each: a chunk sent twice may be answered twice.
         numbers = list(self.waiting) if answered is None else \
-            [n for n in answered if n in self.waiting]
+            list(dict.fromkeys(n for n in answered if n in self.waiting))
         for number, answer in zip(numbers, self.jobs.answers(self.job_id, numbers),
                                   strict=True):
             if answer is None:

@@ -16,9 +16,7 @@ job goes on with the same upload. boto3's own configuration reaches S3 (credenti
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import botocore.exceptions
 
 from inferq.errors import JobError
 from inferq.s3 import error_code, s3_client, s3_problem
+from inferq.samples import check_text
 
 READ_BYTES = 1 << 20  # read this much of an input at a time
 # An S3 output uploads a part each time this much is written (S3 takes parts of 5 MiB or more).
@@ -102,7 +101,7 @@ class Source:
                 continue
             try:
                 text = line.decode()
-                _check_json(text)
+                check_text(text)
                 samples.append(text)
             except ValueError as exc:  # UnicodeDecodeError too
                 text = line.decode("utf-8", errors="replace")
@@ -461,30 +460,6 @@ def split_s3(uri: str) -> tuple[str, str]:
 def _describe(exc: botocore.exceptions.ClientError, bucket: str, *,
               missing: str = "key") -> str:
     return s3_problem(exc, bucket, missing=missing, denied=_DENIED)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _no_infinity(text: str) -> float:
-    number = float(text)
-    if number in (math.inf, -math.inf):
-        raise ValueError(f"{text} is too large for a number JSON carries")
-    return number
-
-
-# One decoder for every line (json.loads with an option would build one per call); a number
-# that may overflow to infinity (a 3-digit exponent, or 300 digits) is looked at closely.
-_check_plain = json.JSONDecoder(parse_constant=_no_constant).decode
-_check_numbers = json.JSONDecoder(parse_constant=_no_constant, parse_float=_no_infinity).decode
-_MAYBE_HUGE = re.compile(r"[eE][+-]?\d{3}|\d{300}")
-
-
-def _check_json(text: str) -> None:
-    """ValueError unless ``text`` is one JSON value that JSON can carry again (no NaN, no
-    Infinity, no number that overflows to one)."""
-    (_check_numbers if _MAYBE_HUGE.search(text) else _check_plain)(text)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -197,10 +197,11 @@ class Deployments:
 
 
 def _forget_counts(pipe: Any, apis: Iterable[str]) -> None:
-    """A deleted API's request counts and tracker go with it: deployed again, it counts from
-    zero (its logs stay, to read what its replicas said last)."""
+    """A deleted API's request counts, tracker and stream counts go with it: deployed again,
+    it counts from zero (its logs stay, to read what its replicas said last; its stream's
+    consumer group stays, so consuming goes on where it stopped)."""
     for api in apis:
-        pipe.delete(keys.stats(api), keys.tracker(api))
+        pipe.delete(keys.stats(api), keys.tracker(api), keys.stream_state(api))
 
 
 def _check_ownership(deployment: Deployment, current: Iterable[DeployedApi]) -> None:

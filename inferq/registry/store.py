@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from inferq.configs import redact_url
 from inferq.errors import BrokerUnavailable
 
 
@@ -38,6 +37,7 @@ class Store:
         # inferq's are always bytes.
         self.redis: Any = redis.Redis(connection_pool=pool)
         self._local = threading.local()  # each thread's reusable pipelines
+        self._returned: dict[str, int] = {}  # key -> items pop_all returned, trimmed next
 
     def pipeline(self, *, transaction: bool) -> Any:
         """A pipeline of this thread's own, reused: a new one copies redis-py's ~200 response
@@ -61,7 +61,7 @@ class Store:
     @property
     def safe_url(self) -> str:
         """The broker URL without its password, for logs and messages."""
-        return safe_url(self.url)
+        return redact_url(self.url)
 
     def now(self) -> float:
         """Redis's clock: one clock for every host's heartbeats and failures."""
@@ -70,17 +70,24 @@ class Store:
 
     def pop_all(self, key: str, timeout: float) -> list[bytes]:
         """Wait up to ``timeout`` seconds for the list ``key`` to hold something; take and
-        return all it holds.
+        return all it holds, in one round trip.
 
         Nothing is lost to a connection that breaks midway (a broker restart): the wait does
         not remove what it sees (``BLMOVE key key LEFT LEFT`` puts the first item back where
-        it was), and the items read are trimmed off the list only after they were read. At
-        worst an item is returned twice (its receiver ignores an answer it had)."""
-        if self.redis.blmove(key, key, blocking(timeout), "LEFT", "LEFT") is None:
-            return []
-        items = self.redis.lrange(key, 0, -1)
-        with contextlib.suppress(redis.RedisError):  # trimmed next time: returned again
-            self.redis.ltrim(key, len(items), -1)  # what was pushed since stays
+        it was), and what one call returned is trimmed off the list by the next call on
+        ``key`` (``LTRIM``, so items pushed meanwhile stay), once its caller had it. At worst
+        an item is returned twice (every receiver ignores an answer it had). One thread
+        reads a given key."""
+        pipe = self.pipeline(transaction=False)
+        returned = self._returned.pop(key, 0)
+        if returned:
+            pipe.ltrim(key, returned, -1)
+        # Redis runs a connection's commands in order: LRANGE waits for BLMOVE to return.
+        pipe.blmove(key, key, blocking(timeout), "LEFT", "LEFT")
+        pipe.lrange(key, 0, -1)
+        items = pipe.execute()[-1]
+        if items:
+            self._returned[key] = len(items)
         return list(items)
 
     def take_all(self, key: str) -> list[bytes]:
@@ -100,15 +107,6 @@ def blocking(seconds: float) -> float:
     to 0 blocks forever (a request 0.1 ms from its deadline waited out the 10 s socket
     timeout)."""
     return max(round(seconds, 3), 0.01)
-
-
-def safe_url(url: str) -> str:
-    """``url`` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def decoded(raw: dict[bytes, bytes]) -> dict[str, str]:
