@@ -20,6 +20,11 @@ key (``inferq:`` + ...)      type    what, and how long it lives
 ``reply:<client>[:<id>]``    list    replies for one client, or one request; 5 minutes
 ``async:<api>:<id>``         hash    an async request's status, result or error; its retention
 ``taken:<api>:<replica>``    list    the message a replica took and has not answered yet
+``alive:<api>:<replica>``    string  a replica's liveness signal, renewed by its supervisor
+                                     every 2 s; lives 10 s (``inferq controller``: a replica
+                                     whose signal lapsed is dead, what it held is put back)
+``reload:<api>:<replica>``   string  the controller asks a replica to serve the deployed
+                                     version (a warm restart of its serving process); 60 s
 ``replicas:<api>``           hash    replica id -> JSON record (status, host, pid, ...)
 ``status:<api>``             string  JSON: the API's status as the leading scaler judged it
 ``usage:<api>``              hash    replica id -> JSON cpu (millicores), rss (bytes), gpu
@@ -56,6 +61,8 @@ QUEUE_PREFIX = "inferq."  # an API's Celery queue: inferq.<api> (API names are u
 REPLY_TTL_SECONDS = 300  # a reply nobody collects is gone after this
 JOB_WAKE_TTL_SECONDS = 24 * 3600  # a job's wake-up list (its answers are kept regardless)
 RETIRED_BUNDLE_TTL_SECONDS = 24 * 3600  # replicas of an old version may still fetch it
+ALIVE_TTL_SECONDS = 10  # a replica's liveness signal lapses after this without renewal
+RELOAD_TTL_SECONDS = 60  # a reload nobody took (its replica died meanwhile) goes away
 
 
 def key(*parts: str) -> str:
@@ -128,6 +135,17 @@ def is_async_state(name: str) -> bool:
 def taken(api: str, replica: str) -> str:
     """The list a replica takes its message into (kept until it answers)."""
     return key("taken", api, replica)
+
+
+def alive(api: str, replica: str) -> str:
+    """A replica's liveness signal (a key its supervisor renews before it lapses)."""
+    return key("alive", api, replica)
+
+
+def reload(api: str, replica: str) -> str:
+    """The controller's request that a replica restart its serving process on the deployed
+    version."""
+    return key("reload", api, replica)
 
 
 # -- replicas and telemetry ---------------------------------------------------------------------

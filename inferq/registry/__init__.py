@@ -11,6 +11,9 @@
                                 (:mod:`~inferq.registry.telemetry`)
 ``registry.hosts``              heartbeats and capacity, the leader, the plan
                                 (:mod:`~inferq.registry.hosts`)
+``registry.liveness``           replicas' liveness signals and reload requests, for a
+                                controller that does not start them
+                                (:mod:`~inferq.registry.liveness`)
 ==============================  ==========================================================
 
 Batch jobs keep their records in :mod:`inferq.jobs`, over the same connection. Every key is
@@ -30,6 +33,7 @@ from inferq.registry.deployments import (
     api_version,
 )
 from inferq.registry.hosts import Capacity, HostRecord, Hosts, Plan
+from inferq.registry.liveness import Liveness
 from inferq.registry.queues import Admission, AsyncState, Queues
 from inferq.registry.replicas import (
     EXIT_INIT_FAILED,
@@ -63,6 +67,7 @@ __all__ = [
     "FailureKind",
     "HostRecord",
     "Hosts",
+    "Liveness",
     "LogLine",
     "Plan",
     "Queues",
@@ -103,6 +108,7 @@ class Registry:
         self.replicas = Replicas(self.store)
         self.telemetry = Telemetry(self.store)
         self.hosts = Hosts(self.store)
+        self.liveness = Liveness(self.store)
 
     @property
     def url(self) -> str:
