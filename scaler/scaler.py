@@ -11,6 +11,9 @@ requeues the requests of hosts whose heartbeat stopped. Every scaler, the leader
 then brings its own host's replicas to the plan: it starts what is missing (with backoff
 when replicas keep dying), rolls a new version over before stopping the old one, stops what
 is surplus with a warm shutdown, and kills a replica whose memory exceeds its ``mem``.
+
+With ``starts_replicas=False`` (``inferq controller``, where Kubernetes runs the replicas) it
+starts none: :class:`inferq.scaler.controller.Controller` does the leader's part instead.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from inferq.registry import (
     ReplicaStatus,
     Usage,
 )
+from inferq.scaler.controller import Controller
 from inferq.scaler.decide import Autoscaler, Load, place
 from inferq.scaler.host import Nvml, ProcessTreeSampler
 from inferq.scaler.replicas import LogPump, ReplicaProcess, start_replica
@@ -85,7 +89,8 @@ class Scaler:
     """One host's scaler; see the module doc."""
 
     def __init__(self, broker_url: str, capacity: Capacity, host: str, *,
-                 loglevel: str = "INFO", tick: float = TICK_SECONDS, echo_logs=None) -> None:
+                 loglevel: str = "INFO", tick: float = TICK_SECONDS, echo_logs=None,
+                 starts_replicas: bool = True) -> None:
         self.broker_url = broker_url
         self.capacity = capacity
         self.host = host
@@ -105,6 +110,9 @@ class Scaler:
         self.deleted_at: dict[str, float] = {}
         self._last_sample = 0.0
         self._stop = threading.Event()
+        # `inferq controller`: Kubernetes starts the replicas, this leads and watches them
+        self.controller = (None if starts_replicas else
+                           Controller(self.registry, host, self.autoscaler, self._load))
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -112,7 +120,10 @@ class Scaler:
         """Reconcile until SIGTERM or SIGINT; then stop every replica (warm shutdown)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
-        log.info("scaler %s: %s", self.host, self.capacity.describe())
+        if self.controller is not None:
+            log.info("controller %s: Kubernetes runs the replicas", self.host)
+        else:
+            log.info("scaler %s: %s", self.host, self.capacity.describe())
         if os.getuid() == 0:
             log.warning("running as root, and so do the replicas: prefer an unprivileged user "
                         "(the Docker image uses one)")
@@ -138,6 +149,15 @@ class Scaler:
     def tick(self) -> None:
         """One round of observe, decide, act."""
         deployed = {d.name: d for d in self.registry.deployments.apis()}
+        if self.controller is not None:
+            self.controller.tick()
+        else:
+            self._tick_replicas(deployed)
+        self.job_runner.tick()
+        self.stream_runner.tick(deployed)
+
+    def _tick_replicas(self, deployed: dict[str, DeployedApi]) -> None:
+        """This host's replicas, and everyone's plan while it leads."""
         now = time.monotonic()
         self._reap(deployed, now)
         if now - self._last_sample >= SAMPLE_SECONDS:
@@ -149,8 +169,6 @@ class Scaler:
         else:
             plan = self.registry.hosts.plan()
         self._reconcile(deployed, plan.hosts, now)
-        self.job_runner.tick()
-        self.stream_runner.tick(deployed)
 
     def shutdown(self) -> None:
         """Stop every replica (each finishes its request), then leave the system."""
@@ -196,7 +214,7 @@ class Scaler:
         for name, api in deployed.items():
             records = [r for r in self.registry.replicas.of(name) if r.host in alive]
             observed[name] = records
-            load = self._load(name, api, records)
+            load = self._load(api, records)
             desired[name] = self.autoscaler.desired(name, api.api.compute, load, now)
             if desired[name] != previous_desired.get(name):
                 log.info('api "%s": %s -> %d replica(s) (queued %d, in flight %d, live %d, '
@@ -222,7 +240,8 @@ class Scaler:
             )
         return plan
 
-    def _load(self, api: str, deployed: DeployedApi, records: list[ReplicaRecord]) -> Load:
+    def _load(self, deployed: DeployedApi, records: list[ReplicaRecord]) -> Load:
+        api = deployed.name
         live = [r.id for r in records if r.status == ReplicaStatus.LIVE]
         usage = self.registry.replicas.usage(api)
         # In samples, not messages: a queue of batches scales as the same requests alone.
@@ -447,6 +466,8 @@ class Scaler:
     def _forget_previous_run(self) -> None:
         """Replicas a previous scaler of this host started died with it: forget them, and
         requeue the requests they held, so nothing is adopted twice or waits an hour."""
+        if self.controller is not None:
+            return  # it started none (the controller recovers replicas by their signal)
         deployed = {d.name: d for d in self.registry.deployments.apis()}
         self._forget_host(self.host, deployed, why="restarted")
 

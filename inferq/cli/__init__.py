@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))
     # the supervisor starts the serving process with this (inferq.workers.supervisor)
     worker.add_argument("--serve", metavar="REPLICA_ID", help=argparse.SUPPRESS)
+    worker.add_argument("--wait-for-deploy", action="store_true",
+                        help="wait for the API to be deployed instead of exiting (Kubernetes)")
     worker.set_defaults(handler=commands.worker)
 
     gateway = sub.add_parser("gateway", help="run the HTTP gateway")
@@ -118,6 +120,18 @@ def _parser() -> argparse.ArgumentParser:
     scaler.add_argument("--quiet", action="store_true", help="do not echo replica logs")
     scaler.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))
     scaler.set_defaults(handler=commands.scaler)
+
+    controller = sub.add_parser(
+        "controller", help="the scaler's work where Kubernetes runs the replicas: job "
+        "drivers, recovery, rolling, statuses, and the number KEDA scales on")
+    controller.add_argument("--host", default="127.0.0.1",
+                            help="address of the scaling endpoint (default 127.0.0.1)")
+    controller.add_argument("--port", type=int, default=8080,
+                            help="port of the scaling endpoint (default 8080)")
+    controller.add_argument("--host-name", help="this controller's name (default: "
+                            "INFERQ_HOST_NAME or the hostname)")
+    controller.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))
+    controller.set_defaults(handler=commands.controller)
 
     predict = sub.add_parser("predict", help="send a JSON sample file to an API")
     predict.add_argument("api", metavar="API_NAME")

@@ -203,7 +203,8 @@ def worker(args: argparse.Namespace) -> int:
 
     if args.serve:
         return serve_child(args.api, stack.broker_url(), args.serve, loglevel=args.loglevel)
-    return supervise(args.api, stack.broker_url(), loglevel=args.loglevel)
+    return supervise(args.api, stack.broker_url(), loglevel=args.loglevel,
+                     wait_for_deploy=args.wait_for_deploy)
 
 
 def gateway(args: argparse.Namespace) -> int:
@@ -230,6 +231,27 @@ def scaler(args: argparse.Namespace) -> int:
     host = args.host_name or stack.host_name()
     return Scaler(stack.broker_url(), capacity, host, loglevel=args.loglevel,
                   echo_logs=None if args.quiet else sys.stderr).run()
+
+
+def controller(args: argparse.Namespace) -> int:
+    import logging
+
+    from inferq.registry import Capacity
+    from inferq.scaler.endpoint import ScalingEndpoint
+    from inferq.scaler.scaler import Scaler
+
+    logging.basicConfig(level=args.loglevel,
+                        format="%(asctime)s [controller] %(levelname)s %(message)s")
+    scaler = Scaler(stack.broker_url(), Capacity(cpu=0, mem=0), args.host_name or stack.host_name(),
+                    loglevel=args.loglevel, tick=1.0, starts_replicas=False)
+    watch = scaler.controller
+    assert watch is not None
+    endpoint = ScalingEndpoint(scaler.registry, watch.load, lambda: watch.ticked_at,
+                               host=args.host, port=args.port).start()
+    try:
+        return scaler.run()
+    finally:
+        endpoint.close()
 
 
 def predict(args: argparse.Namespace) -> int:
