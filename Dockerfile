@@ -1,6 +1,8 @@
 # inferq in one image: the gateway, the scaler and the replicas the scaler starts
-# (`inferq worker`, child processes of the scaler inside its container).
-# Built by docker-compose.gpu.yml; see the README, "GPU hosts with docker compose".
+# (`inferq worker`, child processes of the scaler inside its container); on Kubernetes, the
+# gateway, the controller and each API's replicas, one pod each (`inferq export kubernetes`).
+# Built by docker-compose.gpu.yml; see the README, "GPU hosts with docker compose" and
+# "Kubernetes".
 #
 # GPUs come from the NVIDIA Container Toolkit on the host (driver and NVML are mounted in);
 # the image ships no CUDA toolkit: frameworks bring their CUDA libraries with their wheels.
@@ -36,7 +38,9 @@ RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin inf
     && mkdir -p /var/lib/inferq \
     && chown inferq:inferq /var/lib/inferq
 ENV INFERQ_HOME=/var/lib/inferq
-USER inferq
+# By number, not name: Kubernetes' runAsNonRoot can only check a numeric user
+# (`inferq export kubernetes` runs the pods as 10001).
+USER 10001:10001
 WORKDIR /home/inferq
 
 EXPOSE 8888

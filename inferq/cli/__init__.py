@@ -133,6 +133,23 @@ def _parser() -> argparse.ArgumentParser:
     controller.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))
     controller.set_defaults(handler=commands.controller)
 
+    export = sub.add_parser("export", help="write what runs inferq elsewhere")
+    targets = export.add_subparsers(metavar="TARGET")
+    kubernetes = targets.add_parser(
+        "kubernetes", help="Kubernetes manifests (KEDA 2.x) for the stack and a project's APIs")
+    kubernetes.add_argument("project_dir", nargs="?", metavar="PROJECT_DIR",
+                            help="the project whose APIs get replicas (default: the stack alone)")
+    kubernetes.add_argument("--image", required=True,
+                            help="the inferq image the cluster pulls (built from the Dockerfile)")
+    kubernetes.add_argument("--namespace", default="default",
+                            help="the namespace of every object (default: default)")
+    kubernetes.add_argument("--broker-url", help="a Redis the cluster reaches, kept in a Secret "
+                            "(default: a Redis StatefulSet with an append-only file)")
+    kubernetes.add_argument("--output", default="-", metavar="DIR",
+                            help="a folder for one file per object, or - to print them as "
+                            "one YAML stream (default -)")
+    kubernetes.set_defaults(handler=commands.export_kubernetes)
+
     predict = sub.add_parser("predict", help="send a JSON sample file to an API")
     predict.add_argument("api", metavar="API_NAME")
     predict.add_argument("sample_file", metavar="SAMPLE_FILE")

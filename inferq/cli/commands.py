@@ -254,6 +254,13 @@ def controller(args: argparse.Namespace) -> int:
         endpoint.close()
 
 
+def export_kubernetes(args: argparse.Namespace) -> int:
+    from inferq.cli.kubernetes import export
+
+    return export(args.project_dir, image=args.image, namespace=args.namespace,
+                  broker_url=args.broker_url, output=args.output)
+
+
 def predict(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
