@@ -7,6 +7,7 @@ here, in one module.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -284,3 +285,161 @@ def assert_json(response: requests.Response, status: int) -> dict:
     return response.json()
 
 
+
+
+# -- Kubernetes: the manifests checked against schemas, and run without a cluster ---------------
+
+KEDA_CRD = ROOT / "tests" / "fixtures" / "keda-v2.20.2" / "keda.sh_scaledobjects.yaml"
+
+
+def _structural(node):
+    """An OpenAPI v3 structural schema (a CRD's) as JSON Schema read strictly: an object node
+    with properties accepts no others (the API server prunes them, or refuses them with
+    kubectl's strict field validation); ``nullable`` allows null."""
+    if isinstance(node, list):
+        return [_structural(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _structural(value) for key, value in node.items()}
+    if out.pop("nullable", False) and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def keda_errors(body: dict) -> list[str]:
+    """What KEDA v2.20.2's ScaledObject CRD (``tests/fixtures``) refuses in ``body``: its
+    schema, int32 ranges, and its CEL rule minReplicaCount <= maxReplicaCount."""
+    import jsonschema
+    import yaml
+
+    crd = yaml.safe_load(KEDA_CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    schema = _structural(version["schema"]["openAPIV3Schema"])
+    checker = jsonschema.FormatChecker()
+    checker.checks("int32")(lambda v: not isinstance(v, int) or -2**31 <= v < 2**31)
+    validator = jsonschema.Draft4Validator(schema, format_checker=checker)
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+              for e in validator.iter_errors(body)]
+    if body.get("apiVersion") != "keda.sh/v1alpha1" or body.get("kind") != "ScaledObject":
+        errors.append("not a keda.sh/v1alpha1 ScaledObject")
+    spec = body.get("spec", {})
+    if spec.get("minReplicaCount", 0) > spec.get("maxReplicaCount", 100):
+        errors.append("spec: minReplicaCount must be less than or equal to maxReplicaCount")
+    return errors
+
+
+class Pods:
+    """The containers of rendered Deployments, run as local processes against a local Redis:
+    each container's args and environment as rendered (the image's entrypoint is ``inferq``;
+    Secrets are resolved from the rendered ones), as a pod of its own (its own INFERQ_HOME
+    and host name). Servers listen on 127.0.0.1 and on free ports instead of their container
+    ports, and a Service's URL maps to them (:meth:`local_url`)."""
+
+    def __init__(self, objects: list[dict], logs: Path) -> None:
+        self.objects = objects
+        self.logs = logs
+        self.ports: dict[int, int] = {}  # container port -> the local port serving it
+        self.processes: list[subprocess.Popen] = []
+
+    def find(self, kind: str, name: str) -> dict:
+        return next(o for o in self.objects
+                    if o["kind"] == kind and o["metadata"]["name"] == name)
+
+    def start(self, deployment: str) -> subprocess.Popen:
+        """One pod of ``deployment``'s template (its only container)."""
+        pod = self.find("Deployment", deployment)["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = list(container["args"])
+        for flag, value in itertools.pairwise(args):
+            if flag == "--port":
+                self.ports.setdefault(int(value), free_port())
+        args = [self._local(flag, value) for flag, value in itertools.pairwise(["", *args])]
+        name = f"{deployment}-{sum(1 for p in self.processes if p.deployment == deployment)}"
+        env = {**os.environ, "INFERQ_HOST_NAME": name,
+               "INFERQ_HOME": str(self.logs / name / "home")}
+        for item in container.get("env", []):
+            if "value" in item:
+                env[item["name"]] = item["value"]
+            else:
+                ref = item["valueFrom"]["secretKeyRef"]
+                env[item["name"]] = self.find("Secret", ref["name"])["stringData"][ref["key"]]
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "wb") as log:
+            process = spawn(inferq_command(*args), env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+        process.pod = name
+        process.deployment = deployment
+        process.log_path = self.logs / f"{name}.log"
+        self.processes.append(process)
+        return process
+
+    def _local(self, flag: str, value: str) -> str:
+        if flag == "--host":
+            return "127.0.0.1"
+        if flag == "--port":
+            return str(self.ports[int(value)])
+        return value
+
+    def local_url(self, url: str) -> str:
+        """``http://<service>.<namespace>.svc:<port>/path`` as served here."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        service = self.find("Service", parts.hostname.split(".")[0])
+        port = next(p for p in service["spec"]["ports"] if p["port"] == parts.port)
+        return f"http://127.0.0.1:{self.ports[int(port['targetPort'])]}{parts.path}"
+
+    def log(self, process: subprocess.Popen) -> str:
+        return process.log_path.read_text(errors="replace")[-5000:]
+
+    def stop_all(self) -> None:
+        """SIGTERM every pod at once, as Kubernetes does; SIGKILL what outlives 30 s."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+class Controller:
+    """``inferq controller`` on a free loopback port; its output goes to a log file."""
+
+    def __init__(self, broker_url: str, log: Path, name: str = "controller-a") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        with open(log, "wb") as output:
+            self.process = spawn(
+                inferq_command("controller", "--port", str(self.port), "--host-name", name),
+                env={**os.environ, "INFERQ_BROKER_URL": broker_url},
+                stdout=output, stderr=subprocess.STDOUT,
+            )
+
+    def scaling(self, api: str) -> dict:
+        response = requests.get(f"{self.url}/scaling/{api}", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_answering(self, timeout: float = 30) -> None:
+        def answers() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the controller exited:\n{self.log()}")
+            try:
+                return requests.get(self.url + "/healthz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, timeout, what="the controller answering /healthz")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+    def stop(self) -> int:
+        return stop(self.process, timeout=30)
