@@ -124,7 +124,7 @@ class Scaler:
             log.info("controller %s: Kubernetes runs the replicas", self.host)
         else:
             log.info("scaler %s: %s", self.host, self.capacity.describe())
-        if os.getuid() == 0:
+        if os.getuid() == 0 and self.controller is None:
             log.warning("running as root, and so do the replicas: prefer an unprivileged user "
                         "(the Docker image uses one)")
         forgotten = False

@@ -23,6 +23,7 @@ from inferq.deploy import deploy
 from inferq.processes import pid_alive, wait_until
 from inferq.registry import ReplicaRecord, ReplicaStatus
 from inferq.scaler.controller import next_reload
+from inferq.scaler.decide import Load
 
 # A replica is judged dead once its signal lapsed and the controller watched that long.
 LAPSE_SECONDS = 2 * keys.ALIVE_TTL_SECONDS + 15
@@ -205,3 +206,45 @@ def test_a_replica_that_cannot_start_makes_its_api_an_error(registry, replicas, 
         with pytest.raises(Exception, match="the weights are missing"):
             client.predict("broken", {"x": 1})  # refused at once, not after the timeout
         assert time.monotonic() - started < 5
+
+
+def test_a_replica_renews_its_signal_while_it_runs_and_removes_it_when_it_stops(
+        registry, replicas, tmp_path):
+    deploy(copy_example("iris", tmp_path), registry)
+    process = replicas.start("classifier")
+    (replica,) = registry.replicas.of("classifier")
+    assert registry.liveness.alive("classifier", [replica.id]) == {replica.id}
+    ttl = registry.redis.pttl(keys.alive("classifier", replica.id))
+    assert 0 < ttl <= keys.ALIVE_TTL_SECONDS * 1000
+    # Kubernetes stops the pod: SIGTERM, a warm shutdown
+    wait_until(lambda: " ready." in replicas.log(process), 30, what="Celery's loop")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert registry.liveness.alive("classifier", [replica.id]) == set()
+    assert registry.replicas.of("classifier") == []
+
+
+def test_a_controller_judges_a_signal_lapsed_only_after_watching_as_long_as_one_lives(
+        registry, tmp_path, monkeypatch):
+    """A new leader (or one back from a broker outage) gives every live replica the time to
+    renew its signal before it judges any: a missing key alone is no death."""
+    from inferq.scaler.controller import Controller
+    from inferq.scaler.decide import Autoscaler
+
+    monkeypatch.setattr(keys, "ALIVE_TTL_SECONDS", 0.5)
+    deploy(copy_example("iris", tmp_path), registry)
+    registry.replicas.update("classifier", "pod-1", status=ReplicaStatus.LIVE)
+    registry.redis.rpush(keys.taken("classifier", "pod-1"), '{"headers": {"id": "held"}}')
+    controller = Controller(registry, "controller-a", Autoscaler(), lambda api, records: Load())
+    controller.tick()
+    assert [r.id for r in registry.replicas.of("classifier")] == ["pod-1"]  # not judged yet
+    started = time.monotonic()
+
+    def recovered() -> bool:
+        controller.tick()
+        return not registry.replicas.of("classifier")
+
+    wait_until(recovered, 10, interval=0.05, what="the lapsed replica recovered")
+    assert time.monotonic() - started >= 0.5
+    assert registry.queues.length(keys.queue("classifier")) == 1  # what it held, put back
+    assert registry.replicas.status("classifier").status == "pending"

@@ -92,7 +92,9 @@ def supervise(api: str, broker_url: str, *, loglevel: str = "INFO",
         serving.reload()
 
     signal.signal(signal.SIGTERM, serving.stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the serving process itself
+    # Ctrl-C reaches the serving process itself. A handler, not SIG_IGN: an ignored signal
+    # would stay ignored in every serving process started after it.
+    signal.signal(signal.SIGINT, _ignore)
     heartbeat = Heartbeat(registry, api, replica, on_reload=reload)
     heartbeat.start()
     try:
@@ -117,6 +119,10 @@ def supervise(api: str, broker_url: str, *, loglevel: str = "INFO",
     finally:
         heartbeat.stop()  # last: a record is never left without its signal before its end
     return code if code >= 0 else 128 - code
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    pass
 
 
 def _wait(child: subprocess.Popen) -> int:
