@@ -247,11 +247,11 @@ class Scaler:
         # In samples, not messages: a queue of batches scales as the same requests alone.
         in_flight, held_extra = self.registry.queues.in_flight_samples(
             api, [r.id for r in records])
-        # A stream's entries not read yet want replicas as queued requests do.
-        unread = self.streams.undelivered(api) if deployed.api.stream else 0
+        # A stream's entries no replica has seen yet want replicas as queued requests do.
+        unseen = self.streams.unseen(api) if deployed.api.stream else 0
         return Load(
             queued=max(0, self.registry.queues.queued_samples(keys.queue(api)) - held_extra)
-            + unread,
+            + unseen,
             in_flight=in_flight,
             live=len(live),
             cpu=_mean(usage, live, "cpu"),

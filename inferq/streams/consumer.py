@@ -421,7 +421,8 @@ class Consumer:
         counts, self.counts = self.counts, {"answered": 0, "failed": 0, "dead": 0}
         self.streams.report(self.api, answered=counts["answered"], failed=counts["failed"],
                             dead=counts["dead"], last_id=self.last_id,
-                            undelivered=lag.undelivered, lag=lag.total,
+                            undelivered=lag.undelivered, unsent=len(self.unsent),
+                            lag=lag.total,
                             at_least=lag.at_least, rate=self.rate, consumer=self.name)
 
 

@@ -41,6 +41,7 @@ class StreamState:
     lag: int | None = None  # entries added and not answered yet
     lag_at_least: bool = False  # counted only up to a limit (Redis before 7)
     undelivered: int | None = None  # ... of which not read by the consumer yet
+    unsent: int = 0  # ... read by the consumer and not sent to the replicas yet
     rate: float | None = None  # entries answered per second, lately
     last_id: str | None = None  # the newest entry answered
     last_at: float | None = None  # when (Unix time)
@@ -81,13 +82,14 @@ class Streams:
         self._release(keys=[keys.stream_consumer(api)], args=[token])
 
     def report(self, api: str, *, answered: int, failed: int, dead: int, last_id: str | None,
-               undelivered: int | None, lag: int | None, at_least: bool,
+               undelivered: int | None, unsent: int, lag: int | None, at_least: bool,
                rate: float | None, consumer: str) -> None:
         """Add the counts since the last report, and say where the stream stands now."""
         now = time.time()
         fields: dict[str, object] = {"updated_at": now, "consumer": consumer,
                                      "lag": "" if lag is None else lag,
                                      "undelivered": "" if undelivered is None else undelivered,
+                                     "unsent": unsent,
                                      "lag_at_least": int(at_least),
                                      "rate": "" if rate is None else round(rate, 3)}
         if last_id is not None:
@@ -113,13 +115,16 @@ class Streams:
             api, answered=count("answered") or 0, failed=count("failed") or 0,
             dead=count("dead") or 0, lag=count("lag"),
             lag_at_least=data.get("lag_at_least") == "1", undelivered=count("undelivered"),
+            unsent=count("unsent") or 0,
             rate=seconds("rate"), last_id=data.get("last_id") or None,
             last_at=seconds("last_at"), updated_at=seconds("updated_at"),
             consumer=data.get("consumer"),
         )
 
-    def undelivered(self, api: str) -> int:
-        """Entries of ``api``'s stream that no replica has seen yet, as the scaler counts them
-        beside queued requests (0 when no consumer reported lately)."""
+    def unseen(self, api: str) -> int:
+        """Entries of ``api``'s stream that are neither queued for its replicas nor held by
+        one (not read by the consumer yet, or read and not sent), as the scaler counts them
+        beside queued requests (the queue counts those sent); 0 when no consumer reported
+        lately."""
         state = self.state(api)
-        return state.undelivered or 0 if state.fresh else 0
+        return (state.undelivered or 0) + state.unsent if state.fresh else 0
