@@ -248,3 +248,25 @@ def test_a_controller_judges_a_signal_lapsed_only_after_watching_as_long_as_one_
     assert time.monotonic() - started >= 0.5
     assert registry.queues.length(keys.queue("classifier")) == 1  # what it held, put back
     assert registry.replicas.status("classifier").status == "pending"
+
+
+def test_the_controller_consumes_a_stream_and_keda_sees_its_backlog(registry, replicas,
+                                                                     controllers, tmp_path):
+    folder = copy_example("iris", tmp_path)
+    with open(folder / "cortex.yaml", "a") as file:
+        file.write("  stream:\n    source: iris:samples\n")
+    deploy(folder, registry)
+    controller = controllers()
+    sample = (folder / "sample.json").read_text()
+    ids = [registry.redis.xadd("iris:samples", {"data": sample}).decode() for _ in range(5)]
+    # At zero replicas (KEDA has not started one yet) the backlog is what KEDA reads.
+    wait_until(lambda: controller.scaling("classifier")["value"] == 5, 30,
+               what="the stream's backlog in the number KEDA scales on")
+    replicas.start("classifier")  # KEDA starts a pod
+    wait_until(lambda: registry.redis.xlen("iris:samples:predictions") == 5, 60,
+               what="the stream answered")
+    answers = [fields for _, fields in registry.redis.xrange("iris:samples:predictions")]
+    assert [a[b"source_id"].decode() for a in answers] == ids
+    assert {a[b"result"] for a in answers} == {b'"setosa"'}
+    wait_until(lambda: controller.scaling("classifier")["value"] == 0, 30,
+               what="nothing left to scale on")
