@@ -21,6 +21,8 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, request
@@ -41,6 +43,7 @@ from inferq.errors import (
     some_of,
 )
 from inferq.gateway.batching import Batchers
+from inferq.gateway.connection import still_wanted
 from inferq.gateway.metrics import GatewayMetrics
 from inferq.registry import DeployedApi
 from inferq.samples import load_body
@@ -74,6 +77,11 @@ class Routes:
         self._client.apis()  # re-reads the list if anything was deployed or deleted
         return self._index(self._client.cached_apis()).get(endpoint)
 
+    def cached(self, endpoint: str) -> DeployedApi | None:
+        """The API at ``endpoint`` in the client's API list, without a round trip (None: look
+        it up with :meth:`find`)."""
+        return self._index(self._client.cached_apis()).get(endpoint)
+
     def last_known(self, endpoint: str) -> str | None:
         """The API that was at ``endpoint`` when the broker last answered."""
         found = self._index_of[1].get(endpoint)
@@ -91,13 +99,13 @@ class Routes:
 
 
 def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
-    """The gateway app over ``client`` (which owns the broker connection and reply listener)."""
+    """The gateway app over ``client`` (which owns the broker connection and reply listener).
+    ``app.extensions["inferq.gateway"]`` is its :class:`Gateway` (closed by its server)."""
     app = Flask("inferq.gateway")
     app.config["MAX_CONTENT_LENGTH"] = max_body
-    routes = Routes(client)
-    metrics = GatewayMetrics(client)
-    batchers = Batchers(client)
-    app.extensions["inferq.batchers"] = batchers  # closed by the server (gateway.server)
+    gateway = Gateway(client, max_body)
+    routes, metrics = gateway.routes, gateway.metrics
+    app.extensions["inferq.gateway"] = gateway
 
     @app.route("/healthz", methods=API_METHODS)
     def healthz() -> Response:
@@ -129,13 +137,14 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
             request.environ["inferq.api"] = routes.last_known(endpoint)
             return _json(_error(str(exc)), 503, retry_after=1)
         if deployed is None:
-            return _async_status(client, routes, endpoint)
+            return _async_status(gateway, endpoint)
         request.environ["inferq.api"] = deployed.name  # for the error bodies
         try:
-            response = _serve(client, batchers, deployed, endpoint, routes)
+            response = _serve(gateway, deployed, endpoint)
         except HTTPException as exc:  # 413 from reading the body
             response = http_error(exc)
-        metrics.observe(deployed.name, response.status_code, time.perf_counter() - started)
+        metrics.observe(request.environ["inferq.api"], response.status_code,
+                        time.perf_counter() - started)
         return response
 
     @app.errorhandler(HTTPException)
@@ -157,32 +166,107 @@ def create_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY) -> Flask:
     def unexpected(exc: Exception) -> Response:
         # Even a bug answers JSON (the README: every response to an API call is JSON).
         log.exception("unexpected error serving %s %s", request.method, request.path)
-        return _json(_error(f"internal gateway error: {type(exc).__name__}: {exc}"), 500)
+        return _response(internal_error(exc, request.environ.get("inferq.api")))
 
     return app
 
 
-def _predict(client: Client, batchers: Batchers, deployed: DeployedApi, sample: Any,
-             debug: bool, endpoint: str, still_wanted: Any) -> Any:
-    """The prediction: alone, or in the API's next batch (``server_side_batching``; a debug
-    request goes alone, so that its sample and prediction are logged as its own)."""
-    batcher = None if debug else batchers.get(deployed)
-    if batcher is None:
-        return client.predict(deployed.name, sample, debug=debug, endpoint=endpoint,
-                              still_wanted=still_wanted, checked=True)
-    client.check_serving(deployed)
-    timeout = deployed.api.compute.timeout
-    request_id = uuid.uuid4().hex
-    reply_to = keys.reply(f"{client.id}:{request_id}")
-    deadline = time.monotonic() + timeout
-    # A caller that gives up cannot take its sample out of a batch: it expires there.
-    batcher.add(sample, (reply_to, request_id, time.time() + timeout)).result()
-    return client.await_reply(deployed.name, reply_to, deadline, timeout,
-                              still_wanted=still_wanted)
+@dataclass(frozen=True)
+class Reply:
+    """An answer to an API call, before it is an HTTP response (Flask's, or the fast path's):
+    its status, its JSON text, the headers beside the content type."""
+
+    status: int
+    body: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
-def _serve(client: Client, batchers: Batchers, deployed: DeployedApi, endpoint: str,
-           routes: Routes) -> Response:
+def reply(payload: Any, status: int, *, retry_after: int | None = None) -> Reply:
+    headers = (("Retry-After", str(retry_after)),) if retry_after is not None else ()
+    return Reply(status, _dumps(payload), headers)
+
+
+class Gateway:
+    """What the Flask routes and the fast path (:mod:`inferq.gateway.fast`) share: the client,
+    the routes, the metrics, the batchers and the body limit, and a prediction's answer."""
+
+    def __init__(self, client: Client, max_body: int) -> None:
+        self.client = client
+        self.max_body = max_body
+        self.routes = Routes(client)
+        self.metrics = GatewayMetrics(client)
+        self.batchers = Batchers(client)
+
+    def close(self) -> None:
+        self.batchers.close()
+
+    def predict(self, deployed: DeployedApi, endpoint: str, body: bytes, *, debug: bool,
+                wants_async: bool, still_wanted: Callable[[], bool] | None
+                ) -> tuple[Reply, str]:
+        """The answer to a sample POSTed to ``deployed`` at ``endpoint``, and the name of
+        the API that answered it (an endpoint moved meanwhile is routed again)."""
+        name = deployed.name
+        try:
+            sample = load_body(body)  # not JSON, or nested too deep
+        except ValueError as exc:
+            return reply({"error": str(exc), "api": name}, 400), name
+        client = self.client
+        try:
+            if wants_async:
+                request_id = client.enqueue(name, sample, endpoint=endpoint, checked=True)
+                return reply({"id": request_id, "api": name}, 202), name
+            try:
+                prediction = self._predict(deployed, sample, debug, endpoint, still_wanted)
+            except UnknownAPI:  # deleted or moved since the lookup: route again, afresh
+                moved = self.routes.find(endpoint, fresh=True)
+                if moved is None:
+                    return self.not_found(endpoint), name
+                name = moved.name
+                prediction = self._predict(moved, sample, debug, endpoint, still_wanted)
+        except UnknownAPI as exc:
+            return reply({"error": str(exc)}, 404), name
+        except QueueFull as exc:
+            return reply({"error": str(exc), "api": name}, 503, retry_after=exc.retry_after), name
+        except ApiUnavailable as exc:
+            return reply({"error": str(exc), "api": name, "status": exc.status,
+                          "reason": exc.reason}, 503, retry_after=exc.retry_after), name
+        except BrokerUnavailable as exc:
+            return reply({"error": str(exc), "api": name}, 503, retry_after=1), name
+        except RequestWithdrawn:
+            return reply({"error": "the client went away", "api": name}, 499), name
+        except PredictionTimeout as exc:
+            return reply({"error": f"timeout: {exc.reason}", "api": name}, 504), name
+        except InvalidSample as exc:  # NaN or Infinity, which JSON has not
+            return reply({"error": exc.reason, "api": name}, 400), name
+        except PredictionError as exc:
+            return reply({"error": f"prediction failed: {exc.reason}", "api": name}, 500), name
+        return Reply(200, _dumps(prediction)), name
+
+    def not_found(self, endpoint: str) -> Reply:
+        known = some_of(self.routes.endpoints())
+        return reply({"error": f"no API at {endpoint} (deployed endpoints: {known})"}, 404)
+
+    def _predict(self, deployed: DeployedApi, sample: Any, debug: bool, endpoint: str,
+                 still_wanted: Callable[[], bool] | None) -> Any:
+        """The prediction: alone, or in the API's next batch (``server_side_batching``; a
+        debug request goes alone, so that its sample and prediction are logged as its own)."""
+        client = self.client
+        batcher = None if debug else self.batchers.get(deployed)
+        if batcher is None:
+            return client.predict(deployed.name, sample, debug=debug, endpoint=endpoint,
+                                  still_wanted=still_wanted, checked=True)
+        client.check_serving(deployed)
+        timeout = deployed.api.compute.timeout
+        request_id = uuid.uuid4().hex
+        reply_to = keys.reply(f"{client.id}:{request_id}")
+        deadline = time.monotonic() + timeout
+        # A caller that gives up cannot take its sample out of a batch: it expires there.
+        batcher.add(sample, (reply_to, request_id, time.time() + timeout)).result()
+        return client.await_reply(deployed.name, reply_to, deadline, timeout,
+                                  still_wanted=still_wanted)
+
+
+def _serve(gateway: Gateway, deployed: DeployedApi, endpoint: str) -> Response:
     name = deployed.name
     if request.method in ("GET", "HEAD"):
         url = request.url_root.rstrip("/") + deployed.api.endpoint
@@ -203,62 +287,34 @@ def _serve(client: Client, batchers: Batchers, deployed: DeployedApi, endpoint: 
         response.headers["Allow"] = "GET, HEAD, POST"
         return response
     body = request.get_data(cache=False)  # raises 413 over MAX_CONTENT_LENGTH
-    try:
-        sample = load_body(body)  # not JSON, or nested too deep
-    except ValueError as exc:
-        return _json({"error": str(exc), "api": name}, 400)
-    debug = _flag("debug")
-    wants_async = _flag("async")
-    disconnected = request.environ.get("waitress.client_disconnected")
-    still_wanted = (lambda: not disconnected()) if disconnected is not None else None
-    try:
-        if wants_async:
-            request_id = client.enqueue(name, sample, endpoint=endpoint, checked=True)
-            return _json({"id": request_id, "api": name}, 202)
-        try:
-            prediction = _predict(client, batchers, deployed, sample, debug, endpoint,
-                                  still_wanted)
-        except UnknownAPI:  # deleted or moved since the lookup: route again, afresh
-            moved = routes.find(endpoint, fresh=True)
-            if moved is None:
-                return _not_found(endpoint, routes)
-            name = moved.name
-            request.environ["inferq.api"] = name
-            prediction = _predict(client, batchers, moved, sample, debug, endpoint,
-                                  still_wanted)
-    except UnknownAPI as exc:
-        return _json({"error": str(exc)}, 404)
-    except QueueFull as exc:
-        return _json({"error": str(exc), "api": name}, 503, retry_after=exc.retry_after)
-    except ApiUnavailable as exc:
-        return _json({"error": str(exc), "api": name, "status": exc.status,
-                      "reason": exc.reason}, 503, retry_after=exc.retry_after)
-    except BrokerUnavailable as exc:
-        return _json({"error": str(exc), "api": name}, 503, retry_after=1)
-    except RequestWithdrawn:
-        return _json({"error": "the client went away", "api": name}, 499)
-    except PredictionTimeout as exc:
-        return _json({"error": f"timeout: {exc.reason}", "api": name}, 504)
-    except InvalidSample as exc:  # NaN or Infinity, which JSON has not
-        return _json({"error": exc.reason, "api": name}, 400)
-    except PredictionError as exc:
-        return _json({"error": f"prediction failed: {exc.reason}", "api": name}, 500)
-    return Response(_dumps(prediction), 200, mimetype="application/json")
+    answer, name = gateway.predict(deployed, endpoint, body, debug=_flag("debug"),
+                                   wants_async=_flag("async"),
+                                   still_wanted=still_wanted(request.environ))
+    request.environ["inferq.api"] = name
+    return _response(answer)
+
+
+def internal_error(exc: Exception, api: str | None) -> Reply:
+    """The 500 of a bug: JSON like every answer, naming the API when the request reached one."""
+    body = {"error": f"internal gateway error: {type(exc).__name__}: {exc}"}
+    if api:
+        body["api"] = api
+    return reply(body, 500)
 
 
 def _flag(name: str) -> bool:
     return request.args.get(name, "").lower() in ("1", "true", "yes")
 
 
-def _async_status(client: Client, routes: Routes, path: str) -> Response:
+def _async_status(gateway: Gateway, path: str) -> Response:
     """``GET <endpoint>/<request id>``: an async request's state; else the 404 of ``path``."""
     endpoint, _, request_id = path.rpartition("/")
     try:
-        owner = routes.find(endpoint, fresh=True) if endpoint and request_id else None
+        owner = gateway.routes.find(endpoint, fresh=True) if endpoint and request_id else None
     except BrokerUnavailable as exc:
         return _json(_error(str(exc)), 503, retry_after=1)
     if owner is None:
-        return _not_found(path, routes)
+        return _response(gateway.not_found(path))
     request.environ["inferq.api"] = owner.name
     if request.method not in ("GET", "HEAD"):
         response = _json({"error": f"{request.method} is not allowed; GET an async request's "
@@ -266,7 +322,7 @@ def _async_status(client: Client, routes: Routes, path: str) -> Response:
         response.headers["Allow"] = "GET, HEAD"
         return response
     try:
-        return _json(client.status(owner.name, request_id), 200)
+        return _json(gateway.client.status(owner.name, request_id), 200)
     except UnknownRequest as exc:
         return _json({"error": str(exc), "api": owner.name}, 404)
     except BrokerUnavailable as exc:
@@ -282,15 +338,13 @@ def _error(message: str) -> dict[str, str]:
     return body
 
 
-def _not_found(endpoint: str, routes: Routes) -> Response:
-    known = some_of(routes.endpoints())
-    return _json({"error": f"no API at {endpoint} (deployed endpoints: {known})"}, 404)
+def _json(payload: Any, status: int, *, retry_after: int | None = None) -> Response:
+    return _response(reply(payload, status, retry_after=retry_after))
 
 
-def _json(payload: dict[str, Any], status: int, *, retry_after: int | None = None) -> Response:
-    response = Response(_dumps(payload), status, mimetype="application/json")
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(retry_after)
+def _response(answer: Reply) -> Response:
+    response = Response(answer.body, answer.status, mimetype="application/json")
+    response.headers.extend(answer.headers)
     return response
 
 

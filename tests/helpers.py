@@ -224,13 +224,18 @@ class Gateway:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
 
+    def tree(self) -> list[psutil.Process]:
+        """The gateway's processes: uWSGI's master (the process started) and its workers."""
+        master = psutil.Process(self.process.pid)
+        return [master, *master.children(recursive=True)]
+
     def rss(self) -> int:
-        """Resident memory of the gateway process, in bytes."""
-        with open(f"/proc/{self.process.pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        """Resident memory of the gateway's processes together, in bytes."""
+        return sum(process.memory_info().rss for process in self.tree())
+
+    def cpu_seconds(self) -> float:
+        """CPU time the gateway's processes used so far (user and system)."""
+        return sum(sum(process.cpu_times()[:2]) for process in self.tree())
 
     def post(self, endpoint: str, sample, timeout: float = 30) -> requests.Response:
         return requests.post(self.url + endpoint, json=sample, timeout=timeout)

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -17,12 +18,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from helpers import Gateway, Replicas, assert_json, inferq_command, post, write_project
 
 from inferq import Client, UnknownAPI, keys
 from inferq.deploy import deploy
+from inferq.gateway.server import server_log
 from inferq.processes import wait_until
 from inferq.registry import Registry
 from inferq.stack import EmbeddedRedis, StackInfo, home
@@ -418,7 +421,7 @@ def test_512_concurrent_clients_all_get_their_answer(registry, replicas, start_g
 
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
-    cpu_before = _cpu_seconds(gateway.process.pid)
+    cpu_before = gateway.cpu_seconds()
     started = time.monotonic()
     try:
         with ThreadPoolExecutor(clients) as pool:
@@ -427,7 +430,7 @@ def test_512_concurrent_clients_all_get_their_answer(registry, replicas, start_g
         done.set()
         sampler.join()
     elapsed = time.monotonic() - started
-    cpu = _cpu_seconds(gateway.process.pid) - cpu_before
+    cpu = gateway.cpu_seconds() - cpu_before
 
     failures = sorted({(status, body.get("error", "")) for status, body in answers
                        if status != 200})
@@ -442,10 +445,82 @@ def test_512_concurrent_clients_all_get_their_answer(registry, replicas, start_g
     assert "Traceback" not in log and " ERROR " not in log, log
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+# -- the server (uWSGI) ------------------------------------------------------------------------
+
+
+def _answer(response: requests.Response) -> tuple[int, str, dict, bytes]:
+    headers = {name: response.headers.get(name) for name in ("Content-Type", "Retry-After")}
+    return response.status_code, response.reason, headers, response.content
+
+
+def test_the_fast_path_answers_as_flask_does(registry, replicas, start_gateway, tmp_path):
+    # A plain POST is answered below Flask's dispatch (gateway/fast.py); any query string
+    # sends it through Flask's route. Both must give the same status line, headers and body.
+    deploy_echo(registry, tmp_path)
+    replicas.start("echo")
+    gateway = start_gateway("--max-body", "4096")
+    url = gateway.url + "/shop/echo"
+    bodies = [json.dumps({"x": 1}).encode(), b"{not json", b"[" * 101 + b"]" * 101,
+              json.dumps({"fail": "on fire"}).encode(), b"NaN", b'"' + b"a" * 5000 + b'"']
+    for body in bodies:
+        fast = requests.post(url, data=body, timeout=30)
+        flask = requests.post(url + "?debug=false", data=body, timeout=30)
+        assert _answer(fast) == _answer(flask), body[:40]
+    assert metric(gateway, "inferq_requests_total", api="echo", code="2xx") == 2
+
+
+def test_a_chunked_body_and_large_headers_are_read(registry, replicas, start_gateway, tmp_path):
+    record = deploy_echo(registry, tmp_path)
+    replicas.start("echo")
+    gateway = start_gateway("--max-body", "4096")
+    url = gateway.url + "/shop/echo"
+
+    def chunks(data: bytes, size: int):  # requests sends a generator chunked
+        yield from (data[i:i + size] for i in range(0, len(data), size))
+
+    sample = {"text": "chunked " * 100}
+    chunked = requests.post(url, data=chunks(json.dumps(sample).encode(), 100), timeout=30)
+    assert assert_json(chunked, 200) == {"echo": sample}
+    too_big = requests.post(url, data=chunks(b'"' + b"a" * 9000 + b'"', 1000), timeout=30)
+    assert assert_json(too_big, 413) == {
+        "error": "the request body is over the 4096 byte limit", "api": "echo"}
+    # A proxy's or a browser's headers (cookies, tokens) of several KiB are served too.
+    big_headers = {"Authorization": "Bearer " + "t" * 6000, "Cookie": "c=" + "k" * 6000}
+    answer = requests.post(url, json={"headers": "big"}, headers=big_headers, timeout=30)
+    assert assert_json(answer, 200) == {"echo": {"headers": "big"}}
+    assert recorded(record) == [sample, {"headers": "big"}]
+
+
+def test_a_stopped_gateway_answers_what_it_holds_first(registry, replicas, start_gateway,
+                                                       tmp_path):
+    deploy_echo(registry, tmp_path)
+    replicas.start("echo")
+    gateway = start_gateway()
+    url = gateway.url + "/shop/echo"
+    release = tmp_path / "release"
+    with ThreadPoolExecutor(1) as pool:
+        held = hold_replica(url, registry, release, pool)
+        gateway.process.send_signal(signal.SIGTERM)  # what docker stop and systemd send
+        uwsgi_log = server_log(gateway.port)
+        wait_until(lambda: "graceful shutdown" in uwsgi_log.read_text(), 30,
+                   what="the gateway stopping")
+        assert gateway.process.poll() is None  # the request in flight is answered first
+        release.touch()
+        assert assert_json(held.result(), 200) == {"echo": {"id": "held", "hold": str(release)}}
+    assert gateway.process.wait(timeout=30) == 0
+    assert not [p for p in psutil.process_iter(["ppid"]) if p.info["ppid"] == gateway.process.pid]
+
+
+def test_two_gateway_processes_serve_one_port(registry, replicas, start_gateway, tmp_path):
+    deploy_echo(registry, tmp_path)
+    replicas.start("echo")
+    gateway = start_gateway("--processes", "2", "--threads", "8")
+    assert len(gateway.tree()) == 3  # uWSGI's master and two workers
+    url = gateway.url + "/shop/echo"
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: post(url, {"i": i}, timeout=60), range(64)))
+    assert [assert_json(answer, 200) for answer in answers] == [
+        {"echo": {"i": i}} for i in range(64)]
 
 
 # -- the CLI -----------------------------------------------------------------------------------

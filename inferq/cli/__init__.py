@@ -101,8 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     gateway = sub.add_parser("gateway", help="run the HTTP gateway")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8888)
-    gateway.add_argument("--threads", type=int, default=256,
-                         help="requests that can wait for a replica at once (default 256)")
+    gateway.add_argument("--threads", type=int,
+                         help="threads of each gateway process: requests that wait for a "
+                         "replica at once, and idle keep-alive connections (default 256, or "
+                         "INFERQ_GATEWAY_THREADS)")
+    gateway.add_argument("--processes", type=int,
+                         help="gateway processes on the port, each with its threads (default "
+                         "1, or INFERQ_GATEWAY_PROCESSES): one per core the replicas leave")
     gateway.add_argument("--max-body", type=int, default=10 * 1024 * 1024,
                          help="largest request body in bytes (default 10 MiB)")
     gateway.add_argument("--loglevel", default=os.environ.get("INFERQ_LOGLEVEL", "INFO"))

@@ -214,9 +214,27 @@ def gateway(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.loglevel,
                         format="%(asctime)s [gateway] %(levelname)s %(message)s")
-    serve(stack.broker_url(), host=args.host, port=args.port, threads=args.threads,
-          max_body=args.max_body)
+    threads = _count(args.threads, "--threads", "INFERQ_GATEWAY_THREADS", 256)
+    processes = _count(args.processes, "--processes", "INFERQ_GATEWAY_PROCESSES", 1)
+    serve(stack.broker_url(), host=args.host, port=args.port, threads=threads,
+          processes=processes, max_body=args.max_body)
     return 0
+
+
+def _count(given: int | None, option: str, variable: str, default: int) -> int:
+    """A count from its option, else its environment variable, else ``default``; 1 or more."""
+    import os
+
+    if given is None:
+        raw = os.environ.get(variable, "").strip()
+        if not raw:
+            return default
+        if not raw.isdigit():
+            raise InferqError(f"{variable}={raw!r}: expected a whole number of 1 or more")
+        given, option = int(raw), variable
+    if given < 1:
+        raise InferqError(f"{option} must be 1 or more, not {given}")
+    return given
 
 
 def scaler(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ import yaml
 
 from inferq.configs import Api, Deployment, format_cpu, format_mem, load_project
 from inferq.errors import InferqError
+from inferq.gateway.server import STOP_GRACE_SECONDS as GATEWAY_STOP_GRACE
 from inferq.scaler.scaler import STOP_GRACE_SECONDS
 
 BROKER_SECRET = "inferq-broker"
@@ -258,7 +259,9 @@ def _gateway(namespace: str, image: str) -> dict[str, Any]:
         livenessProbe={"tcpSocket": {"port": "http"}, "periodSeconds": 10,
                        "timeoutSeconds": 5, "failureThreshold": 6},
     )
-    return _deployment(GATEWAY, "gateway", namespace, _pod([container], []), 2)
+    # Stopped, it answers the requests it holds first (up to GATEWAY_STOP_GRACE seconds).
+    pod = _pod([container], [], grace=GATEWAY_STOP_GRACE + 5)
+    return _deployment(GATEWAY, "gateway", namespace, pod, 2)
 
 
 def _controller(namespace: str, image: str) -> dict[str, Any]:
