@@ -39,7 +39,7 @@ from inferq.errors import (
     UnknownRequest,
     some_of,
 )
-from inferq.futures import ReplyListener, RequestFuture, Waiter, withdraw
+from inferq.futures import BatchFuture, ReplyListener, RequestFuture, Waiter, withdraw
 from inferq.jobs import Job, Jobs
 from inferq.registry import Admission, DeployedApi, Registry, Serving
 from inferq.samples import batch_fits, check_sample
@@ -243,6 +243,13 @@ class Client:
         and answers each on its own: a failed sample's future raises :class:`PredictionError`
         naming its index (``first_index`` + its position), the others get their predictions.
         """
+        return self._send_batch(api, samples, first_index, debug, timeout, whole=False)
+
+    def _send_batch(self, api: str, samples: list[Any], first_index: int, debug: bool,
+                    timeout: float | None, *, whole: bool) -> list[RequestFuture]:
+        """Queue ``samples`` as one message: a future per sample, or (``whole``) one
+        :class:`BatchFuture` for them all (``map``, which needs no more: a future costs
+        about as much as a cheap model's prediction)."""
         deployed = self._deployed(api)
         timeout = deployed.api.compute.timeout if timeout is None else timeout
         expires_at = time.time() + timeout
@@ -250,21 +257,21 @@ class Client:
         ids = [f"{batch_id}.{position}" for position in range(len(samples))]
         message = self._encode_batch(api, samples, [(self.reply_key, i, expires_at) for i in ids],
                                      debug, first_index)
-        futures = []
-        for position, request_id in enumerate(ids):
-            waiter = Waiter(RequestFuture(), api, first_index + position, keys.queue(api),
-                             message)
-            self._replies.expect(request_id, waiter, timeout)
-            futures.append(waiter.future)
+        queue = keys.queue(api)
+        waiting = {batch_id: Waiter(BatchFuture(), api, first_index, queue, message)} if whole \
+            else {request_id: Waiter(RequestFuture(), api, first_index + position, queue, message)
+                  for position, request_id in enumerate(ids)}
+        for key, waiter in waiting.items():
+            self._replies.expect(key, waiter, timeout)
         try:
-            self._enqueue(deployed, keys.queue(api), message, None, extra=len(samples) - 1)
+            self._enqueue(deployed, queue, message, None, extra=len(samples) - 1)
         except BaseException:
-            for request_id in ids:
-                self._replies.forget(request_id)
+            for key in waiting:
+                self._replies.forget(key)
             raise
-        for request_id, future in zip(ids, futures, strict=True):
-            future.task_id = request_id
-        return futures
+        for key, waiter in waiting.items():
+            waiter.future.task_id = key
+        return [waiter.future for waiter in waiting.values()]
 
     def queue_batch(self, api: str, samples: list[Any], replies: list[tuple[str, str, float]],
                     *, debug: bool = False) -> None:
@@ -356,45 +363,66 @@ class Client:
 
     def _map(self, api: str, samples: Iterator[Any], bar: Any, batch_size: int, window: int,
              timeout: float | None) -> Iterator[Any]:
-        in_flight: deque[Future] = deque()
-        sent = 0
+        in_flight: deque[tuple[RequestFuture, int, int]] = deque()  # (future, first, samples)
+        held = sent = 0
         try:
             while True:
                 batch = list(itertools.islice(samples, batch_size))
                 if not batch:
                     break
-                while in_flight and len(in_flight) + len(batch) > window:
-                    yield self._next_in_order(in_flight, bar)
-                in_flight.extend(self._submit_waiting(api, batch, sent, timeout))
+                while in_flight and held + len(batch) > window:
+                    held -= in_flight[0][2]
+                    yield from self._next_in_order(api, in_flight, bar)
+                in_flight.append((self._submit_waiting(api, batch, sent, timeout), sent,
+                                  len(batch)))
+                held += len(batch)
                 sent += len(batch)
             while in_flight:
-                yield self._next_in_order(in_flight, bar)
+                yield from self._next_in_order(api, in_flight, bar)
         finally:
-            for future in in_flight:
+            for future, _, _ in in_flight:
                 self.cancel(future)
             if bar is not None:
                 bar.close()
 
     def _submit_waiting(self, api: str, batch: list[Any], first_index: int,
-                        timeout: float | None) -> list[RequestFuture]:
+                        timeout: float | None) -> RequestFuture:
         """Submit, waiting (not failing) while the API's queue is full."""
         delay = 0.05
         while True:
             try:
                 if len(batch) == 1:
-                    return [self.submit(api, batch[0], index=first_index, timeout=timeout)]
-                return self.submit_batch(api, batch, first_index=first_index, timeout=timeout)
+                    return self.submit(api, batch[0], index=first_index, timeout=timeout)
+                return self._send_batch(api, batch, first_index, False, timeout, whole=True)[0]
             except QueueFull:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
     @staticmethod
-    def _next_in_order(in_flight: deque[Future], bar: Any) -> Any:
-        result = in_flight[0].result()  # raises PredictionError with the sample's index
+    def _next_in_order(api: str, in_flight: deque[tuple[RequestFuture, int, int]],
+                       bar: Any) -> Iterator[Any]:
+        """The predictions of the oldest message in flight, in order; PredictionError (or
+        PredictionTimeout) naming the index of the first sample that has none."""
+        future, first, count = in_flight[0]
+        value = future.result()  # a single sample's error or timeout raises here
         in_flight.popleft()
-        if bar is not None:
-            bar.update(1)
-        return result
+        if not isinstance(future, BatchFuture):  # a message of one sample: its prediction
+            if bar is not None:
+                bar.update(1)
+            yield value
+            return
+        by_position = {int(answer.get("id", "").rpartition(".")[2] or 0): answer
+                       for answer in value}
+        for position in range(count):
+            answer = by_position.get(position)
+            if answer is None:  # skipped by the replica: its deadline had passed
+                raise PredictionTimeout("no replica answered it in time", api=api,
+                                        index=first + position)
+            if "error" in answer:
+                raise PredictionError(answer["error"], api=api, index=first + position)
+            if bar is not None:
+                bar.update(1)
+            yield answer.get("result")
 
     @staticmethod
     def _encode(api: str, task_id: str, sample: Any, queue: str, reply_to: str, timeout: float,

@@ -32,6 +32,12 @@ class RequestFuture(Future):
     task_id: str = ""
 
 
+class BatchFuture(RequestFuture):
+    """The future of a whole batch message (``Client.map``): its result is the answers of the
+    samples the replica predicted, ``{"id": "<batch>.<position>", "result" | "error"}`` each,
+    in one reply; one future per message, not per sample."""
+
+
 @dataclass
 class Waiter:
     future: RequestFuture
@@ -83,11 +89,11 @@ class ReplyListener:
                 self._stopped.wait(min(0.1 * 2**failures, 2.0))
                 replies = []
             for reply in replies:
-                if "answers" in reply:  # a batch's answers to one list, in one reply
-                    for answer in reply["answers"]:
+                # A batch's answers come to one list in one reply (one sample's alone).
+                answers = reply.get("answers", [reply])
+                if not self._complete_batch(answers):
+                    for answer in answers:
                         self._complete(answer)
-                else:
-                    self._complete(reply)
             self._expire()
 
     def _wait_time(self) -> float:
@@ -97,6 +103,18 @@ class ReplyListener:
             until = self._deadlines[0][0] - time.monotonic()
         # BLPOP takes whole or fractional seconds; 0 would mean "forever"
         return min(1.0, max(until, 0.01))
+
+    def _complete_batch(self, answers: list[dict[str, Any]]) -> bool:
+        """Hand a batch's answers to the :class:`BatchFuture` that waits for them all (False:
+        none does; each answer has a waiter of its own, or none)."""
+        batch_id = answers[0].get("id", "").partition(".")[0] if answers else ""
+        with self._lock:
+            waiter = self._waiting.get(batch_id)
+            if waiter is None or not isinstance(waiter.future, BatchFuture):
+                return False
+            del self._waiting[batch_id]
+        waiter.future.set_result(answers)
+        return True
 
     def _complete(self, reply: dict[str, Any]) -> None:
         with self._lock:
