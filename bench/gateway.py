@@ -149,8 +149,9 @@ class Bench:
             if process.poll() is not None:
                 continue
             used[process.name] = _cpu(process.pid)
+            serving = f"{process.name} serving"  # a replica's, or the gateway's uWSGI workers
             for child in psutil.Process(process.pid).children(recursive=True):
-                used[f"{process.name} serving"] = _cpu(child.pid)
+                used[serving] = used.get(serving, 0.0) + _cpu(child.pid)
         return used
 
     def _log(self, process: subprocess.Popen) -> str:

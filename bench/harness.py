@@ -227,13 +227,14 @@ def wrk(port: int, path: str, sample: Any, *, clients: int, seconds: float,
 # -- the baseline server -----------------------------------------------------------------------
 
 
-def load_predictor(path: Path) -> ModuleType:
-    """Import a Cortex ``predictor.py`` and run its ``init(None, {})``."""
+def load_predictor(path: Path, model_path: str | None = None, *,
+                   init: bool = True) -> ModuleType:
+    """Import a Cortex ``predictor.py`` and (``init``) run its ``init(model_path, {})``."""
     spec = importlib.util.spec_from_file_location("predictor", path)
     predictor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(predictor)
-    if hasattr(predictor, "init"):
-        predictor.init(None, {})
+    if init and hasattr(predictor, "init"):
+        predictor.init(model_path, {})
     return predictor
 
 
