@@ -4,7 +4,8 @@ Why uWSGI: a request's CPU in the gateway bounds what one gateway process serves
 waitress (pure Python) the server alone took about a third of it. uWSGI's HTTP/1.1 socket
 parses in C, serves the app from a pool of threads per worker process, and, unlike granian's
 WSGI interface, lets a waiting request find out that its client went away (so the request
-is withdrawn, 499, as it was on waitress). The README (Settings) has the choice's figures.
+is withdrawn, 499, as it was on waitress). The README ("The gateway's server") has the
+choice's figures.
 
 How it runs: this process binds the port itself (so a port in use is one clear line), then
 becomes uWSGI's master (``pyuwsgi.run``), which forks ``processes`` workers; each imports
