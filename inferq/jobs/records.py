@@ -22,6 +22,7 @@ from inferq.jobs import files
 from inferq.messages import ChunkAnswer
 from inferq.registry import Registry
 from inferq.registry.queues import BACKGROUND_ADMIT
+from inferq.registry.store import Leases
 
 LEASE_SECONDS = 10.0  # a driver that stops renewing loses its job after this
 LISTED = 100  # `inferq batch get` shows the newest this many jobs
@@ -148,8 +149,7 @@ class Jobs:
         self.registry = registry
         self.redis = registry.redis
         self._claim = self.redis.register_script(_CLAIM)
-        self._renew = self.redis.register_script(_RENEW)
-        self._release = self.redis.register_script(_RELEASE)
+        self._leases = Leases(self.redis, LEASE_SECONDS)  # a job's claim is _CLAIM's
         self._stop = self.redis.register_script(_STOP)
         self._resume = self.redis.register_script(_RESUME)
         self._commit = self.redis.register_script(_COMMIT)
@@ -235,15 +235,14 @@ class Jobs:
         """Take the job's lease for a new driver, if it wants one that may run here."""
         return self._claim(keys=[keys.job(job_id), keys.job_driver(job_id),
                                  keys.active_jobs()],
-                           args=[token, int(LEASE_SECONDS * 1000), machine]) == 1
+                           args=[token, self._leases.ms, machine]) == 1
 
     def renew(self, job_id: str, token: str) -> bool:
         """Keep the lease; False when it was lost (another driver has the job)."""
-        return self._renew(keys=[keys.job_driver(job_id)],
-                           args=[token, int(LEASE_SECONDS * 1000)]) == 1
+        return self._leases.renew(keys.job_driver(job_id), token)
 
     def release(self, job_id: str, token: str) -> None:
-        self._release(keys=[keys.job_driver(job_id)], args=[token])
+        self._leases.release(keys.job_driver(job_id), token)
 
     def start_run(self, job_id: str, driver: str) -> None:
         record = self.require(job_id)
@@ -328,16 +327,6 @@ local machine = redis.call('HGET', KEYS[1], 'machine')
 if machine and machine ~= '' and machine ~= ARGV[3] then return 0 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
-"""
-# KEYS: lease; ARGV: token, lease ms.
-_RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
 """
 # KEYS: job, active; ARGV: now. Returns the status after it.
 _STOP = """

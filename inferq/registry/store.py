@@ -11,6 +11,39 @@ import redis
 from inferq.configs import redact_url
 from inferq.errors import BrokerUnavailable
 
+# A lease's holder keeps it with its own token; only the holder renews or releases it.
+_LEASE_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+_LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+class Leases:
+    """Leases of ``seconds`` held by a token (a job's driver, a stream's consumer): taken
+    when free, renewed and released only by their holder."""
+
+    def __init__(self, redis_client: Any, seconds: float) -> None:
+        self.redis = redis_client
+        self.ms = int(seconds * 1000)
+        self._renew = redis_client.register_script(_LEASE_RENEW)
+        self._release = redis_client.register_script(_LEASE_RELEASE)
+
+    def take(self, key: str, token: str) -> bool:
+        """Take the lease at ``key`` if nobody holds it."""
+        return bool(self.redis.set(key, token, nx=True, px=self.ms))
+
+    def renew(self, key: str, token: str) -> bool:
+        """Keep the lease; False when it was lost (another holder has it now)."""
+        return self._renew(keys=[key], args=[token, self.ms]) == 1
+
+    def release(self, key: str, token: str) -> None:
+        self._release(keys=[key], args=[token])
+
 
 class Store:
     """A Redis connection pool and this thread's reusable pipelines.

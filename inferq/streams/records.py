@@ -13,21 +13,10 @@ from dataclasses import dataclass
 
 from inferq import keys
 from inferq.registry import Registry
-from inferq.registry.store import decoded
+from inferq.registry.store import Leases, decoded
 
 LEASE_SECONDS = 10.0  # a consumer that stops renewing loses its stream after this
 FRESH_SECONDS = 5.0  # a report older than this is no signal (the consumer is gone)
-
-# Lease scripts: take (when free), renew, release; KEYS[1]: the lease, ARGV[1]: the token.
-_RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -65,21 +54,18 @@ class Streams:
     def __init__(self, registry: Registry) -> None:
         self.store = registry.store
         self.redis = registry.redis
-        self._renew = self.redis.register_script(_RENEW)
-        self._release = self.redis.register_script(_RELEASE)
+        self._leases = Leases(self.redis, LEASE_SECONDS)
 
     def claim(self, api: str, token: str) -> bool:
         """Take the lease of ``api``'s stream if no consumer holds it."""
-        return bool(self.redis.set(keys.stream_consumer(api), token, nx=True,
-                                   px=int(LEASE_SECONDS * 1000)))
+        return self._leases.take(keys.stream_consumer(api), token)
 
     def renew(self, api: str, token: str) -> bool:
         """Keep the lease; False when it was lost (another consumer runs now)."""
-        return self._renew(keys=[keys.stream_consumer(api)],
-                           args=[token, int(LEASE_SECONDS * 1000)]) == 1
+        return self._leases.renew(keys.stream_consumer(api), token)
 
     def release(self, api: str, token: str) -> None:
-        self._release(keys=[keys.stream_consumer(api)], args=[token])
+        self._leases.release(keys.stream_consumer(api), token)
 
     def report(self, api: str, *, answered: int, failed: int, dead: int, last_id: str | None,
                undelivered: int | None, unsent: int, lag: int | None, at_least: bool,
