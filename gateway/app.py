@@ -71,11 +71,11 @@ class Routes:
         """The API at ``endpoint``, or None; raises :class:`BrokerUnavailable` when it must
         ask the registry and cannot."""
         if not fresh:
-            found = self._index(self._client.cached_apis()).get(endpoint)
+            found = self.cached(endpoint)
             if found is not None:
                 return found
         self._client.apis()  # re-reads the list if anything was deployed or deleted
-        return self._index(self._client.cached_apis()).get(endpoint)
+        return self.cached(endpoint)
 
     def cached(self, endpoint: str) -> DeployedApi | None:
         """The API at ``endpoint`` in the client's API list, without a round trip (None: look

@@ -31,6 +31,9 @@ from inferq.gateway.app import DEFAULT_MAX_BODY
 
 log = logging.getLogger("inferq.gateway")
 
+DEFAULT_THREADS = 256  # per process: requests that wait for a replica at once
+DEFAULT_PROCESSES = 1
+LOG_FORMAT = "%(asctime)s [gateway] %(levelname)s %(message)s"  # this process's and its workers'
 STOP_GRACE_SECONDS = 90  # beyond the longest compute.timeout a request may wait (60 s default)
 BACKLOG = 2048  # connections the kernel queues before a thread takes them
 HEADER_BYTES = 32768  # the largest request line and headers together (uWSGI's default: 4 KiB)
@@ -42,7 +45,7 @@ def server_log(port: int) -> Path:
 
 
 def uwsgi_args(fd: int, *, threads: int, processes: int, log_file: Path) -> list[str]:
-    """uWSGI's command line: one place for every setting (README, "Settings")."""
+    """uWSGI's command line: one place for every setting (README, "The gateway's server")."""
     graceful = "gracefully_kill_them_all"
     return [
         "--http11-socket", f"fd://{fd}",  # bound by serve(): HTTP/1.1 with keep-alive
@@ -60,8 +63,9 @@ def uwsgi_args(fd: int, *, threads: int, processes: int, log_file: Path) -> list
     ]
 
 
-def serve(broker_url: str, *, host: str = "127.0.0.1", port: int = 8888, threads: int = 256,
-          processes: int = 1, max_body: int = DEFAULT_MAX_BODY) -> None:
+def serve(broker_url: str, *, host: str = "127.0.0.1", port: int = 8888,
+          threads: int = DEFAULT_THREADS, processes: int = DEFAULT_PROCESSES,
+          max_body: int = DEFAULT_MAX_BODY) -> None:
     """Serve the gateway until SIGTERM, SIGHUP or SIGINT (this process becomes uWSGI's
     master and exits with it)."""
     import pyuwsgi

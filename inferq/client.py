@@ -364,18 +364,16 @@ class Client:
     def _map(self, api: str, samples: Iterator[Any], bar: Any, batch_size: int, window: int,
              timeout: float | None) -> Iterator[Any]:
         in_flight: deque[tuple[RequestFuture, int, int]] = deque()  # (future, first, samples)
-        held = sent = 0
+        sent = 0
         try:
             while True:
                 batch = list(itertools.islice(samples, batch_size))
                 if not batch:
                     break
-                while in_flight and held + len(batch) > window:
-                    held -= in_flight[0][2]
+                while in_flight and sum(n for *_, n in in_flight) + len(batch) > window:
                     yield from self._next_in_order(api, in_flight, bar)
                 in_flight.append((self._submit_waiting(api, batch, sent, timeout), sent,
                                   len(batch)))
-                held += len(batch)
                 sent += len(batch)
             while in_flight:
                 yield from self._next_in_order(api, in_flight, bar)
@@ -411,8 +409,7 @@ class Client:
                 bar.update(1)
             yield value
             return
-        by_position = {int(answer.get("id", "").rpartition(".")[2] or 0): answer
-                       for answer in value}
+        by_position = {int(answer["id"].rpartition(".")[2]): answer for answer in value}
         for position in range(count):
             answer = by_position.get(position)
             if answer is None:  # skipped by the replica: its deadline had passed

@@ -210,12 +210,12 @@ def worker(args: argparse.Namespace) -> int:
 def gateway(args: argparse.Namespace) -> int:
     import logging
 
-    from inferq.gateway.server import serve
+    from inferq.gateway.server import DEFAULT_PROCESSES, DEFAULT_THREADS, LOG_FORMAT, serve
 
-    logging.basicConfig(level=args.loglevel,
-                        format="%(asctime)s [gateway] %(levelname)s %(message)s")
-    threads = _count(args.threads, "--threads", "INFERQ_GATEWAY_THREADS", 256)
-    processes = _count(args.processes, "--processes", "INFERQ_GATEWAY_PROCESSES", 1)
+    logging.basicConfig(level=args.loglevel, format=LOG_FORMAT)
+    threads = _count(args.threads, "--threads", "INFERQ_GATEWAY_THREADS", DEFAULT_THREADS)
+    processes = _count(args.processes, "--processes", "INFERQ_GATEWAY_PROCESSES",
+                       DEFAULT_PROCESSES)
     serve(stack.broker_url(), host=args.host, port=args.port, threads=threads,
           processes=processes, max_body=args.max_body)
     return 0
