@@ -30,6 +30,14 @@ class ChunkSizer:
         self.ceiling = batch_size + 1  # a size known to be too slow
         self.since_slow = 0
 
+    def may_send(self, awaiting: bool) -> bool:
+        """Whether another chunk may go out (``awaiting``: chunks sent await their answers):
+        not before the time of one sample is measured. Chunks sent before that would all be
+        of one sample (a sender outpaces the answers it collects whenever the replica is quick
+        and the sender, at a lower priority, waits for a core), and so would a whole backlog.
+        """
+        return self.single is not None or not awaiting
+
     def answered(self, samples: int, took: float) -> None:
         if samples == 1:
             self.single = took if self.single is None else min(self.single, took)

@@ -460,6 +460,18 @@ def test_chunk_sizes_follow_what_a_chunk_costs(cost, expected):
     assert sizer.size == expected
 
 
+def test_no_chunk_goes_out_beside_the_first_before_a_sample_is_measured():
+    # A quick replica and a sender slow to collect answers (nice 10, a busy machine) would
+    # otherwise send a whole backlog one sample a chunk before the first answer sizes them.
+    from inferq.chunks import ChunkSizer
+
+    sizer = ChunkSizer(64)
+    assert sizer.may_send(awaiting=False)  # the first chunk, of one sample
+    assert not sizer.may_send(awaiting=True)  # nothing beside it
+    sizer.answered(1, 0.0001)
+    assert sizer.may_send(awaiting=True) and sizer.size == 2  # measured: chunks pipeline
+
+
 def test_a_chunk_size_found_slow_in_a_busy_moment_is_tried_again_later():
     from inferq.chunks import SIZER_RETRY, ChunkSizer
 

@@ -149,7 +149,8 @@ class Driver:
             self._write()
             # Read a chunk only when it can be sent: its size is decided then (ChunkSizer).
             busy = self._send()
-            while not busy and not eof and self.in_flight < record.window:
+            while (not busy and not eof and self.in_flight < record.window
+                   and self.sizer.may_send(bool(self.waiting or self.unsent))):
                 chunk = next(chunks, None)
                 if chunk is None:
                     eof = True

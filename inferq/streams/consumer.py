@@ -236,8 +236,9 @@ class Consumer:
         with self.sending:
             while True:
                 with self.room:
-                    if not self.unsent:
-                        return False
+                    awaiting = any(not f.answered for f in self.flights)
+                    if not self.unsent or not self.sizer.may_send(awaiting):
+                        return False  # nothing to send, or not before the first answer
                     size = min(self.sizer.size, len(self.unsent))
                     entries = [self.unsent.popleft() for _ in range(size)]
                     flight = self._flight(entries)
